@@ -1,0 +1,5 @@
+import sys
+
+from stablekit.cli import main
+
+sys.exit(main())

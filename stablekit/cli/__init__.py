@@ -1,0 +1,43 @@
+"""``stablekit`` command line: one module per sub-command, each with ``add_parser`` and ``run``.
+
+Commands use only the public API (``stablekit.pipelines``, ``stablekit.weights``, ``stablekit.diffusion``).
+Errors the user can fix (bad paths, bad options, bad files) print one line and exit 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS = ("generate", "info", "convert", "samplers")
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablekit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"stablekit.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (UserError, ValueError, FileNotFoundError, IsADirectoryError) as e:
+        # ValueError covers our loaders' and validators' errors (WeightsError and friends subclass it).
+        print(f"stablekit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stablekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
