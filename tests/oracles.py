@@ -1,0 +1,59 @@
+"""Reference implementations used as test oracles.
+
+``open_clip/__init__`` imports torchvision, which cannot be imported beside this torch. Its tokenizer and
+text transformer need neither, so :func:`open_clip_module` registers a bare ``open_clip`` package (no
+``__init__`` run) and imports the one submodule. ``open_clip.utils`` imports one torchvision class at module
+level that the text tower never uses; unless a real torchvision is already imported, a stand-in is put in
+``sys.modules`` for that import only and removed again, so nothing else sees a fake torchvision.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+
+
+def _bare_open_clip() -> None:
+    if "open_clip" in sys.modules:
+        return
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.submodule_search_locations is None:
+        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch==3.3.0)")
+    package = types.ModuleType("open_clip")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["open_clip"] = package
+
+
+class _NoFrozenBatchNorm:
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("torchvision stand-in: FrozenBatchNorm2d is not available in tests")
+
+
+def _torchvision_stand_in() -> dict[str, types.ModuleType]:
+    misc = types.ModuleType("torchvision.ops.misc")
+    misc.FrozenBatchNorm2d = _NoFrozenBatchNorm  # type: ignore[attr-defined]
+    ops = types.ModuleType("torchvision.ops")
+    ops.misc = misc  # type: ignore[attr-defined]
+    root = types.ModuleType("torchvision")
+    root.ops = ops  # type: ignore[attr-defined]
+    return {"torchvision": root, "torchvision.ops": ops, "torchvision.ops.misc": misc}
+
+
+def open_clip_module(name: str) -> types.ModuleType:
+    """``open_clip.<name>`` (e.g. ``tokenizer``, ``transformer``), or skip the test if the wheel is absent."""
+    _bare_open_clip()
+    full = f"open_clip.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    stand_in = _torchvision_stand_in()
+    added = [k for k in stand_in if k not in sys.modules]
+    sys.modules.update({k: stand_in[k] for k in added})
+    try:
+        return importlib.import_module(full)
+    finally:
+        for k in added:
+            del sys.modules[k]

@@ -1,0 +1,129 @@
+"""Our CLIP tokenizer against open_clip's (SD2, pad 0) and transformers' (SD1, pad 49407)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import html
+import json
+from pathlib import Path
+
+import ftfy
+import pytest
+import torch
+
+from stablekit.text.tokenizer import _VOCAB_FILE, EOT, SOT, CLIPTokenizer, tokenize
+from tests.oracles import open_clip_module
+
+PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "A Portrait of a Cat, oil on canvas; trending on ArtStation!!! (masterpiece:1.2) [bad hands]",
+    "the year 1984, 3.14159 and 1,000,000 + 42% -- don't, we're, it'll, you'd, I'm, they've, it's",
+    "東京の夜景、ネオンが光る街並み",
+    "한국어 텍스트와 中文 混合",
+    "café naïve Ünïcödé crème brûlée, Straße",
+    "Москва зимой, красная площадь",
+    "مرحبا بالعالم",
+    "a cat 🐱 with a party hat 🎉🎉 and a ninja 🐱‍👤",
+    "tom &amp; jerry &amp;amp; friends &lt;3 &quot;quoted&quot; &#39;x&#39;",
+    "   lots \t of\n\n  extra    whitespace   ",
+    "",
+    "   ",
+    "Ｆｕｌｌｗｉｄｔｈ　ｔｅｘｔ and ‘curly’ “quotes”",
+    "İstanbul at dusk",
+    "word " * 100,
+    "supercalifragilisticexpialidocious " * 30,
+    ", ".join(f"detail {i}" for i in range(60)),
+]
+
+
+@pytest.fixture(scope="module")
+def ours() -> CLIPTokenizer:
+    return CLIPTokenizer()
+
+
+def test_shipped_vocab_is_the_released_file() -> None:
+    digest = hashlib.sha256(_VOCAB_FILE.read_bytes()).hexdigest()
+    assert digest == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
+def test_matches_open_clip_pad_zero() -> None:
+    oc = open_clip_module("tokenizer")
+    got = tokenize(PROMPTS, pad_token=0)
+    want = oc.tokenize(PROMPTS)
+    assert got.ids.dtype == torch.long and got.ids.shape == (len(PROMPTS), 77)
+    for prompt, a, b in zip(PROMPTS, got.ids, want, strict=True):
+        assert torch.equal(a, b), prompt
+
+
+def test_encode_matches_open_clip_without_specials(ours: CLIPTokenizer) -> None:
+    oc = open_clip_module("tokenizer")
+    for prompt in PROMPTS:
+        assert ours.encode(prompt) == oc._tokenizer.encode(prompt), prompt
+
+
+def _hf_tokenizer(tmp_path: Path):  # type: ignore[no-untyped-def]
+    transformers = pytest.importorskip("transformers")
+    bytes_to_unicode = open_clip_module("tokenizer").bytes_to_unicode
+    merges = gzip.decompress(_VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")[1:48895]
+    base = list(bytes_to_unicode().values())
+    vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert len(tok) == 49408
+    return tok
+
+
+def test_matches_transformers_pad_eot(tmp_path: Path) -> None:
+    hf = _hf_tokenizer(tmp_path)
+    # transformers 5's tokenizer is the tokenizers-library one: it skips the ftfy fix and HTML unescaping
+    # that OpenAI's (and transformers 4's slow) tokenizer did, so those steps are applied to its input here.
+    cleaned = [html.unescape(html.unescape(ftfy.fix_text(p))) for p in PROMPTS]
+    want = hf(cleaned, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    got = tokenize(PROMPTS, pad_token=49407)
+    for prompt, a, b in zip(PROMPTS, got.ids, want, strict=True):
+        assert torch.equal(a, b), prompt
+    # Where cleaning changes nothing, the raw prompt gives the same ids too.
+    plain = [p for p, c in zip(PROMPTS, cleaned, strict=True) if p == c]
+    assert len(plain) > 10
+    raw = hf(plain, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(raw, tokenize(plain, pad_token=49407).ids)
+
+
+def test_layout_and_padding() -> None:
+    t = tokenize(["", "a cat"], pad_token=0)
+    cat = CLIPTokenizer().encode("a cat")
+    assert len(cat) == 2
+    assert t.ids[0, :2].tolist() == [SOT, EOT] and (t.ids[0, 2:] == 0).all()
+    assert t.ids[1, :4].tolist() == [SOT, *cat, EOT] and (t.ids[1, 4:] == 0).all()
+    assert t.dropped == [None, None]
+    single = tokenize("a cat", pad_token=EOT)
+    assert single.ids.shape == (1, 77) and (single.ids[0, 3:] == EOT).all()
+
+
+def test_truncation_keeps_eot_and_reports_dropped_words() -> None:
+    exact = tokenize("word " * 75, pad_token=0)
+    assert exact.dropped == [None] and exact.ids[0, -1] == EOT
+    t = tokenize(["Word " * 75 + "Extra", "word " * 100], pad_token=0)
+    assert (t.ids[:, 0] == SOT).all() and (t.ids[:, -1] == EOT).all()
+    assert t.dropped == ["Extra", " ".join(["word"] * 25)]  # the user's case is kept
+
+
+def test_truncation_inside_a_word_reports_its_tail() -> None:
+    oc = open_clip_module("tokenizer")
+    prompt = "a " * 74 + "supercalifragilisticexpialidocious goes on"
+    full = oc._tokenizer.encode(prompt)
+    assert len(full) > 77  # the long word is several tokens, cut after its first
+    t = tokenize(prompt, pad_token=0)
+    assert t.ids[0, 1:76].tolist() == full[:75]
+    assert t.dropped == [oc._tokenizer.decode(full[75:]).strip()]
+    assert t.dropped[0] is not None and t.dropped[0].endswith("goes on")
+    upper = tokenize(prompt.upper(), pad_token=0).dropped[0]
+    assert upper is not None and upper == t.dropped[0].upper()
+
+
+def test_decode_inverts_encode_on_clean_text(ours: CLIPTokenizer) -> None:
+    for text in ("a cat sitting on a mat", "東京の夜景", "café crème", "🎉 party 4 u"):
+        assert ours.decode(ours.encode(text)) == text
