@@ -9,10 +9,13 @@ level that the text tower never uses; unless a real torchvision is already impor
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import importlib.util
+import json
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +60,24 @@ def open_clip_module(name: str) -> types.ModuleType:
     finally:
         for k in added:
             del sys.modules[k]
+
+
+def hf_clip_tokenizer(folder: Path, *, pad_token: str | None = None):  # type: ignore[no-untyped-def]
+    """A transformers ``CLIPTokenizer`` with vocab.json/merges.txt built from our shipped BPE file, as the
+    Hub's openai/clip-vit-large-patch14 files are: 256 byte symbols, the same with ``</w>``, the merges
+    joined, then the two specials (49408 in all). ``pad_token="!"`` gives the SD2 tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    from stablekit.text.tokenizer import _VOCAB_FILE
+
+    bytes_to_unicode = open_clip_module("tokenizer").bytes_to_unicode
+    merges = gzip.decompress(_VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")[1:48895]
+    base = list(bytes_to_unicode().values())
+    vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    extra = {"pad_token": pad_token} if pad_token is not None else {}
+    tok = transformers.CLIPTokenizer.from_pretrained(str(folder), **extra)
+    assert len(tok) == 49408
+    return tok

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import html
-import json
 from pathlib import Path
 
 import ftfy
@@ -13,7 +11,7 @@ import pytest
 import torch
 
 from stablekit.text.tokenizer import _VOCAB_FILE, EOT, SOT, CLIPTokenizer, tokenize
-from tests.oracles import open_clip_module
+from tests.oracles import hf_clip_tokenizer, open_clip_module
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -62,22 +60,8 @@ def test_encode_matches_open_clip_without_specials(ours: CLIPTokenizer) -> None:
         assert ours.encode(prompt) == oc._tokenizer.encode(prompt), prompt
 
 
-def _hf_tokenizer(tmp_path: Path):  # type: ignore[no-untyped-def]
-    transformers = pytest.importorskip("transformers")
-    bytes_to_unicode = open_clip_module("tokenizer").bytes_to_unicode
-    merges = gzip.decompress(_VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")[1:48895]
-    base = list(bytes_to_unicode().values())
-    vocab = base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
-    assert len(tok) == 49408
-    return tok
-
-
 def test_matches_transformers_pad_eot(tmp_path: Path) -> None:
-    hf = _hf_tokenizer(tmp_path)
+    hf = hf_clip_tokenizer(tmp_path)
     # transformers 5's tokenizer is the tokenizers-library one: it skips the ftfy fix and HTML unescaping
     # that OpenAI's (and transformers 4's slow) tokenizer did, so those steps are applied to its input here.
     cleaned = [html.unescape(html.unescape(ftfy.fix_text(p))) for p in PROMPTS]

@@ -39,10 +39,10 @@ _settings = _Settings()
 def set_backend(backend: Backend, *, slice_size: int | None = None) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if slice_size is not None and slice_size < 1:
+        raise ValueError(f"attention slice_size must be >= 1, got {slice_size}")
     _settings.backend = backend
     if slice_size is not None:
-        if slice_size < 1:
-            raise ValueError(f"attention slice_size must be >= 1, got {slice_size}")
         _settings.slice_size = slice_size
 
 
@@ -85,6 +85,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False) -> Tenso
 
     q: (B, H, T_q, D); k, v: (B, H, T_k, D) -> (B, H, T_q, D).
     """
+    if causal and q.shape[-2] != k.shape[-2]:
+        # SDPA aligns a rectangular causal mask to the first key, the math kernel to the last: refuse
+        # rather than let the backends disagree (SD only needs square causal masks, in the text encoders).
+        raise ValueError(f"causal attention needs T_q == T_k, got {q.shape[-2]} and {k.shape[-2]}")
     backend = _settings.backend
     if backend == "math":
         return _math(q, k, v, causal)
