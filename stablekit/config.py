@@ -99,9 +99,13 @@ class ScheduleConfig:
     beta_schedule: Literal["scaled_linear", "linear"] = "scaled_linear"
     num_train_timesteps: int = 1000
     prediction: Prediction = "eps"
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
+    # None = the sampler's own default, as in the released scheduler configs, which lack the key: diffusers'
+    # ``XScheduler.from_config`` then uses the class default (leading for DDIM/PNDM, linspace for the rest).
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None
     steps_offset: int = 1
     set_alpha_to_one: bool = False
+    # Lin et al. 2023: shift the betas so the last step is pure noise (for models trained that way).
+    rescale_betas_zero_snr: bool = False
 
 
 @dataclass(frozen=True)
