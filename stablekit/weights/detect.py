@@ -1,0 +1,322 @@
+"""What a checkpoint is, from its tensor shapes (and the little else a file carries).
+
+Shapes give the family and every size: UNet width, levels, blocks, attention levels, projection kind,
+context width, text tower, VAE; non-standard sizes (tiny test models, the demo model) load as well as the
+releases. Three things are not in the shapes and are decided by rule, with a note saying so:
+
+- attention heads: SD1 and x4 use 8 heads, SD2 64-wide heads (the released YAMLs);
+- prediction type: SD2 512-base (eps) and 768-v (v) have identical shapes; ``global_step`` 875000 is
+  2.0-base and 110000 is 2.1-v (diffusers' legacy rule), then the file name (``768`` vs ``512``/``base``),
+  then diffusers' default for v2, v;
+- the VAE latent scale: 0.18215, or 0.08333 for x4.
+
+A file we wrote carries its full :class:`~stablekit.config.ModelConfig` as JSON under ``stablekit.config``
+in its safetensors metadata, and that wins over all of the above.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from stablekit.config import (
+    PRESETS,
+    ModelConfig,
+    Prediction,
+    ScheduleConfig,
+    TextConfig,
+    UNetConfig,
+    VAEConfig,
+)
+from stablekit.weights.convert import WeightsError
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+TEXT = "cond_stage_model."
+METADATA_KEY = "stablekit.config"
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+@dataclass
+class Detection:
+    config: ModelConfig
+    family: str
+    # Every size equals the family preset's (a released model rather than a custom one).
+    standard: bool
+    prediction_source: str
+    # Where the noise schedule and sampler defaults come from (a single file without our metadata has none).
+    schedule_source: str
+    notes: list[str] = field(default_factory=list)
+
+
+# --- the config as JSON (safetensors metadata) -------------------------------------------------------------
+
+_NESTED: dict[str, type] = {
+    "unet": UNetConfig,
+    "vae": VAEConfig,
+    "text": TextConfig,
+    "schedule": ScheduleConfig,
+    "low_res_schedule": ScheduleConfig,
+}
+
+
+def config_to_json(cfg: ModelConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def _build(cls: type, d: Mapping[str, Any]) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {', '.join(sorted(unknown))}")
+    # JSON has no tuples; every sequence field of the configs is a tuple.
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def config_from_json(text: str) -> ModelConfig:
+    d = json.loads(text)
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    parts = {k: _build(c, d[k]) if isinstance(d.get(k), dict) else d.get(k) for k, c in _NESTED.items() if k in d}
+    cfg: ModelConfig = _build(ModelConfig, {**d, **parts})
+    return cfg
+
+
+# --- sizes from shapes -----------------------------------------------------------------------------------
+
+
+def _get(shapes: Shapes, key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise WeightsError(f"cannot identify the model: tensor {key} is missing")
+    return shapes[key]
+
+
+def _indices(shapes: Shapes, prefix: str) -> list[int]:
+    """The integers ``N`` of keys ``prefix + "N." + ...``, sorted."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in shapes if (m := pat.match(k))})
+
+
+def _unet_sizes(s: Shapes) -> UNetConfig:
+    """Every structural UNet size (heads are set by the caller)."""
+    c0, in_ch = _get(s, UNET + "input_blocks.0.0.weight")[:2]
+    blocks = _indices(s, UNET + "input_blocks.")
+    downs = [k for k in blocks if UNET + f"input_blocks.{k}.0.op.weight" in s]
+    n = downs[0] - 1 if downs else len(blocks) - 1
+    mult, attention, self_attn = [], [], {}
+    for level in range(len(downs) + 1):
+        first = 1 + level * (n + 1)
+        ch = _get(s, UNET + f"input_blocks.{first}.0.out_layers.3.weight")[0]
+        if ch % c0:
+            raise WeightsError(f"UNet level {level} has {ch} channels, not a multiple of {c0}")
+        mult.append(ch // c0)
+        st = UNET + f"input_blocks.{first}.1."
+        if st + "norm.weight" in s:
+            attention.append(level)
+            # attn1 reads the context instead of x where self-attention is disabled (x4 upscaler). Only
+            # visible when the context width differs from the level's width, as in every released file.
+            self_attn[level] = _get(s, st + "transformer_blocks.0.attn1.to_k.weight")[1] == ch
+    mid = UNET + "middle_block.1."
+    disabled = None
+    if not all(self_attn.values()):
+        # A level without attention takes the flag of the next level that has it (the x4 YAML's [T, T, T, F]).
+        nearest = [next((a for a in attention if a >= lvl), None) for lvl in range(len(mult))]
+        disabled = tuple(a is not None and not self_attn[a] for a in nearest)
+    label = s.get(UNET + "label_emb.weight")
+    return UNetConfig(
+        in_channels=in_ch,
+        out_channels=_get(s, UNET + "out.2.weight")[0],
+        model_channels=c0,
+        channel_mult=tuple(mult),
+        num_res_blocks=n,
+        attention_levels=tuple(attention),
+        transformer_depth=len(_indices(s, mid + "transformer_blocks.")),
+        context_dim=_get(s, mid + "transformer_blocks.0.attn2.to_k.weight")[1],
+        use_linear_proj=len(_get(s, mid + "proj_in.weight")) == 2,
+        num_classes=label[0] if label else None,
+        disable_self_attn=disabled,
+    )
+
+
+def _vae_sizes(s: Shapes) -> VAEConfig:
+    ch, in_ch = _get(s, VAE + "encoder.conv_in.weight")[:2]
+    levels = _indices(s, VAE + "encoder.down.")
+    return VAEConfig(
+        in_channels=in_ch,
+        out_channels=_get(s, VAE + "decoder.conv_out.weight")[0],
+        ch=ch,
+        ch_mult=tuple(_get(s, VAE + f"encoder.down.{i}.block.0.conv2.weight")[0] // ch for i in levels),
+        num_res_blocks=len(_indices(s, VAE + "encoder.down.0.block.")),
+        z_channels=_get(s, VAE + "decoder.conv_in.weight")[1],
+        embed_dim=_get(s, VAE + "post_quant_conv.weight")[0],
+    )
+
+
+def _text_sizes(s: Shapes, notes: list[str]) -> TextConfig:
+    hf = TEXT + "transformer.text_model."
+    oc = TEXT + "model."
+    if hf + "embeddings.token_embedding.weight" in s:
+        vocab, width = _get(s, hf + "embeddings.token_embedding.weight")
+        layers = len(_indices(s, hf + "encoder.layers."))
+        base = PRESETS["sd1"].text
+        return replace(
+            base,
+            vocab_size=vocab,
+            width=width,
+            context_length=_get(s, hf + "embeddings.position_embedding.weight")[0],
+            layers=layers,
+            layers_used=layers,
+            heads=_text_heads(width, base, notes),
+            mlp_ratio=_get(s, hf + "encoder.layers.0.mlp.fc1.weight")[0] // width,
+        )
+    if oc + "token_embedding.weight" in s:
+        vocab, width = _get(s, oc + "token_embedding.weight")
+        stored = len(_indices(s, oc + "transformer.resblocks."))
+        base = PRESETS["sd2-base"].text
+        proj = s.get(oc + "text_projection")
+        if proj is None:
+            # Converted from a diffusers folder, which keeps only the blocks that run (not the last one) and
+            # no contrastive head.
+            notes.append(f"OpenCLIP tower without text_projection: all {stored} stored blocks are run")
+        return replace(
+            base,
+            vocab_size=vocab,
+            width=width,
+            context_length=_get(s, oc + "positional_embedding")[0],
+            layers=stored if proj else stored + 1,
+            layers_used=stored - 1 if proj else stored,  # SD2 reads the penultimate layer
+            heads=_text_heads(width, base, notes),
+            mlp_ratio=_get(s, oc + "transformer.resblocks.0.mlp.c_fc.weight")[0] // width,
+            embed_dim=proj[1] if proj else width,
+        )
+    raise WeightsError(
+        f"cannot identify the text encoder: neither {hf}embeddings.token_embedding.weight (CLIP) nor "
+        f"{oc}token_embedding.weight (OpenCLIP) is present"
+    )
+
+
+def _text_heads(width: int, base: TextConfig, notes: list[str]) -> int:
+    # Both released towers use 64-wide heads (CLIP-L 12 x 64, OpenCLIP-H 16 x 64).
+    if width % 64 == 0:
+        return width // 64
+    notes.append(
+        f"text heads cannot be read from the weights; width {width} is not a multiple of 64, assumed {base.heads} heads"
+    )
+    return base.heads
+
+
+def _unet_heads(unet: UNetConfig, sd2: bool, notes: list[str]) -> UNetConfig:
+    widths = [unet.model_channels * unet.channel_mult[lvl] for lvl in (*unet.attention_levels, -1)]
+    if sd2 and all(w % 64 == 0 for w in widths):
+        return replace(unet, num_heads=None, head_dim=64)
+    if all(w % 8 == 0 for w in widths):
+        if sd2:
+            notes.append(f"UNet widths {widths} are not multiples of 64: assumed 8 heads, not 64-wide heads")
+        return replace(unet, num_heads=8, head_dim=None)
+    raise WeightsError(
+        f"UNet attention widths {widths} fit neither 64-wide heads nor 8 heads; "
+        "heads are not in the weights, so this file needs a stablekit config"
+    )
+
+
+# --- prediction type ---------------------------------------------------------------------------------------
+
+
+def _sd2_prediction(global_step: int | None, name_hint: str | None) -> tuple[Prediction, str]:
+    if global_step == 875000:
+        return "eps", "global_step 875000 is SD 2.0-base, an eps model"
+    if global_step == 110000:
+        return "v", "global_step 110000 is SD 2.1-768, a v model"
+    name = os.path.basename(name_hint or "").lower()
+    if "768" in name:
+        return "v", f"file name {name!r} says 768, the v-prediction release"
+    if "512" in name or "base" in name:
+        return "eps", f"file name {name!r} says 512/base, the eps release"
+    return "v", (
+        "assumed: SD2 512-base (eps) and 768-v (v) have identical weights and the file does not "
+        "say which it is; v is diffusers' default for v2. Pass --prediction eps for a base model"
+    )
+
+
+def family_from(unet: UNetConfig, text: TextConfig, prediction: str) -> str:
+    """The released family a model belongs to, whatever its sizes."""
+    sd2 = text.kind == "openclip"
+    if unet.num_classes is not None:
+        return "x4-upscaler"
+    if unet.in_channels == 9:
+        return "sd2-inpaint" if sd2 else "sd1-inpaint"
+    if unet.in_channels == 5 and sd2:
+        return "sd2-depth"
+    if sd2:
+        return "sd2-v" if prediction == "v" else "sd2-base"
+    return "sd1"
+
+
+def is_standard(cfg: ModelConfig, family: str) -> bool:
+    """Whether the three networks have exactly the released sizes of ``family``."""
+    preset = PRESETS[family]
+    unet = replace(cfg.unet, upcast_attention=preset.unet.upcast_attention)
+    return (unet, cfg.vae, cfg.text) == (preset.unet, preset.vae, preset.text)
+
+
+def detect(
+    shapes: Shapes,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    global_step: int | None = None,
+    name_hint: str | None = None,
+    prediction: Prediction | None = None,
+) -> Detection:
+    """Identify an original-layout checkpoint from its tensor shapes. ``prediction`` overrides what the
+    file says or what would be assumed."""
+    notes: list[str] = []
+    stored = (metadata or {}).get(METADATA_KEY)
+    if stored is not None:
+        try:
+            cfg = config_from_json(stored)
+        except (ValueError, TypeError) as e:
+            notes.append(f"ignored the file's stablekit config ({e}); detecting from shapes")
+        else:
+            source = "the file's stablekit config"
+            if prediction is not None and prediction != cfg.schedule.prediction:
+                cfg, source = cfg.with_prediction(prediction), "given by the caller"
+            family = family_from(cfg.unet, cfg.text, cfg.schedule.prediction)
+            return Detection(cfg, family, is_standard(cfg, family), source, "the file's stablekit config", notes)
+
+    absent = [p for p in (UNET, VAE, TEXT) if not any(k.startswith(p) for k in shapes)]
+    if absent:
+        raise WeightsError(
+            f"no {', '.join(p + '*' for p in absent)} tensors: not a whole Stable Diffusion checkpoint "
+            "(a VAE, LoRA, embedding or UNet-only file?)"
+        )
+    unet = _unet_sizes(shapes)
+    text = _text_sizes(shapes, notes)
+    vae = _vae_sizes(shapes)
+    family = family_from(unet, text, "eps")
+    unet = _unet_heads(unet, text.kind == "openclip" and family != "x4-upscaler", notes)
+    if prediction is not None:
+        source = "given by the caller"
+    elif family == "sd2-base":
+        prediction, source = _sd2_prediction(global_step, name_hint)
+        notes.append(f"prediction type {prediction}: {source}")
+    else:
+        prediction = PRESETS[family].schedule.prediction
+        source = f"the {family} family default"
+    family = family_from(unet, text, prediction)
+    preset = PRESETS[family]
+    cfg = replace(
+        preset,
+        unet=replace(unet, upcast_attention=preset.unet.upcast_attention),
+        vae=replace(vae, scale_factor=preset.vae.scale_factor),
+        text=text,
+    ).with_prediction(prediction)
+    standard = is_standard(cfg, family)
+    if not standard:
+        cfg = replace(cfg, name=f"{family}-custom")
+    return Detection(cfg, family, standard, source, f"the {family} preset", notes)

@@ -1,0 +1,338 @@
+"""diffusers pipeline folders: read them into the original layout, and write them from it.
+
+A folder holds ``model_index.json``, one sub-folder per component with its ``config.json`` and weights, and
+``scheduler/scheduler_config.json``. The three networks are renamed to and from the original layout by the
+per-component key tables (``stablekit/weights/tables/``); configs go through the tables' config functions.
+Weight files are read with the safe reader, whatever their suffix (safetensors, or torch ``.bin``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import Tensor
+
+from stablekit.config import (
+    PRESETS,
+    ModelConfig,
+    Prediction,
+    ScheduleConfig,
+    TextConfig,
+)
+from stablekit.text.tokenizer import EOT, _load_vocab
+from stablekit.weights.convert import WeightsError, from_original, to_original
+from stablekit.weights.detect import TEXT, UNET, VAE, family_from
+from stablekit.weights.load import CheckpointError, read_checkpoint, write_safetensors
+from stablekit.weights.tables.text import (
+    diffusers_text_config,
+    text_config_from_diffusers,
+    text_ignored_keys,
+    text_splits,
+    text_table,
+)
+from stablekit.weights.tables.unet import diffusers_unet_config, unet_config_from_diffusers, unet_table
+from stablekit.weights.tables.vae import (
+    diffusers_vae_config,
+    has_legacy_attention,
+    vae_config_from_diffusers,
+    vae_table,
+)
+
+# Written into the configs we produce; the folder layout has been stable since 0.14.
+DIFFUSERS_VERSION = "0.30.0"
+
+_WEIGHT_NAMES = {
+    "unet": ("diffusion_pytorch_model",),
+    "vae": ("diffusion_pytorch_model",),
+    "text_encoder": ("model", "pytorch_model"),
+}
+_SUFFIXES = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin")
+
+_PIPELINES = {
+    "txt2img": "StableDiffusionPipeline",
+    "inpaint": "StableDiffusionInpaintPipeline",
+    "depth": "StableDiffusionDepth2ImgPipeline",
+    "upscale": "StableDiffusionUpscalePipeline",
+}
+_SCHEDULER_CLASSES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}
+_SAMPLERS = {cls: name for name, cls in _SCHEDULER_CLASSES.items()}
+# Component folder -> original-layout key prefix.
+_PREFIXES = {"unet": UNET, "vae": VAE, "text_encoder": TEXT}
+_PREDICTIONS: dict[str, Prediction] = {"epsilon": "eps", "v_prediction": "v"}
+
+
+@dataclass
+class DiffusersFolder:
+    """A folder read into the original layout."""
+
+    config: ModelConfig
+    tensors: dict[str, Tensor]
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def is_diffusers_folder(path: str | os.PathLike[str]) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{path}: missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d
+
+
+def _weights_file(folder: str, component: str) -> str:
+    sub = os.path.join(folder, component)
+    for stem in _WEIGHT_NAMES[component]:
+        for suffix in _SUFFIXES:
+            if os.path.isfile(p := os.path.join(sub, stem + suffix)):
+                return p
+    if any(name.endswith(".index.json") for name in os.listdir(sub)):
+        raise CheckpointError(f"{sub}: sharded weights are not supported")
+    raise CheckpointError(
+        f"{sub}: no weights file ({', '.join(s + x for s in _WEIGHT_NAMES[component] for x in _SUFFIXES)})"
+    )
+
+
+def schedule_from_diffusers(d: Mapping[str, Any], base: ScheduleConfig) -> ScheduleConfig:
+    """A ``scheduler_config.json``; betas it lacks keep ``base``'s values, sampler settings the class default."""
+    prediction = d.get("prediction_type", "epsilon")
+    if prediction not in _PREDICTIONS:
+        raise CheckpointError(f"scheduler prediction_type {prediction!r} is not supported (epsilon or v_prediction)")
+    schedule = d.get("beta_schedule", base.beta_schedule)
+    if schedule not in ("scaled_linear", "linear"):
+        raise CheckpointError(f"scheduler beta_schedule {schedule!r} is not supported")
+    spacing = d.get("timestep_spacing")
+    if spacing not in (None, "leading", "trailing", "linspace"):
+        raise CheckpointError(f"scheduler timestep_spacing {spacing!r} is not supported")
+    return replace(
+        base,
+        beta_start=float(d.get("beta_start", base.beta_start)),
+        beta_end=float(d.get("beta_end", base.beta_end)),
+        beta_schedule=schedule,
+        num_train_timesteps=int(d.get("num_train_timesteps", base.num_train_timesteps)),
+        prediction=_PREDICTIONS[prediction],
+        timestep_spacing=spacing,
+        steps_offset=int(d.get("steps_offset", 0)),
+        # DDIM's and PNDM's class default; SD configs always say false.
+        set_alpha_to_one=bool(d.get("set_alpha_to_one", d.get("_class_name") in _SAMPLERS)),
+        rescale_betas_zero_snr=bool(d.get("rescale_betas_zero_snr", False)),
+    )
+
+
+def schedule_to_diffusers(s: ScheduleConfig, class_name: str) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "_class_name": class_name,
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "beta_start": s.beta_start,
+        "beta_end": s.beta_end,
+        "beta_schedule": s.beta_schedule,
+        "num_train_timesteps": s.num_train_timesteps,
+        "prediction_type": "v_prediction" if s.prediction == "v" else "epsilon",
+        "steps_offset": s.steps_offset,
+        "set_alpha_to_one": s.set_alpha_to_one,
+        "clip_sample": False,
+        "skip_prk_steps": True,
+        "rescale_betas_zero_snr": s.rescale_betas_zero_snr,
+    }
+    if s.timestep_spacing is not None:
+        d["timestep_spacing"] = s.timestep_spacing
+    return d
+
+
+def _to_original(component: str, state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    if component == "unet":
+        return to_original(state, unet_table(cfg.unet))
+    if component == "vae":
+        return to_original(state, vae_table(cfg.vae, legacy_attention=has_legacy_attention(state)))
+    if not any(k.startswith("text_model.") for k in state):
+        # transformers >= 5 saves CLIPTextModel without its ``text_model.`` level; Hub files have it.
+        state = {f"text_model.{k}": t for k, t in state.items()}
+    return to_original(state, text_table(cfg.text), text_splits(cfg.text), ignore=text_ignored_keys(cfg.text))
+
+
+def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelConfig:
+    try:
+        unet_json = _json(os.path.join(folder, "unet", "config.json"))
+        unet = unet_config_from_diffusers(unet_json)
+        vae = vae_config_from_diffusers(_json(os.path.join(folder, "vae", "config.json")))
+        text = text_config_from_diffusers(_json(os.path.join(folder, "text_encoder", "config.json")))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: {e}") from e
+    sched = _json(os.path.join(folder, "scheduler", "scheduler_config.json"))
+    preset = PRESETS[family_from(unet, text, _PREDICTIONS.get(sched.get("prediction_type", "epsilon"), "eps"))]
+    sampler = _SAMPLERS.get(sched.get("_class_name", ""))
+    if sampler is None:
+        notes.append(
+            f"scheduler class {sched.get('_class_name')!r} has no stablekit sampler of the same kind; "
+            f"default sampler {preset.default_sampler}"
+        )
+    low_res = preset.low_res_schedule
+    if low_res is not None and os.path.isfile(p := os.path.join(folder, "low_res_scheduler", "scheduler_config.json")):
+        low_res = schedule_from_diffusers(_json(p), low_res)
+    size = preset.default_size
+    # The UNet's sample_size is the release's latent size (96 for 2.1-768); x4's is its input, not its output.
+    if isinstance(unet_json.get("sample_size"), int) and preset.conditioning != "upscale":
+        size = unet_json["sample_size"] * vae.downsample
+    return replace(
+        preset,
+        name=os.path.basename(os.path.normpath(folder)) or preset.name,
+        unet=unet,
+        vae=vae,
+        text=text,
+        schedule=schedule_from_diffusers(sched, preset.schedule),
+        low_res_schedule=low_res,
+        default_size=size,
+        default_sampler=sampler or preset.default_sampler,
+        max_noise_level=int(index.get("max_noise_level", preset.max_noise_level)),
+    )
+
+
+def read_folder(path: str | os.PathLike[str]) -> DiffusersFolder:
+    """Read a diffusers Stable Diffusion folder; tensors come back under original-layout keys."""
+    folder = os.fspath(path)
+    index = _json(os.path.join(folder, "model_index.json"))
+    missing = [c for c in (*_PREFIXES, "scheduler") if c not in index]
+    if missing:
+        raise CheckpointError(f"{folder}: model_index.json has no {', '.join(missing)}: not a Stable Diffusion folder")
+    notes: list[str] = []
+    config = _config(folder, index, notes)
+    tensors: dict[str, Tensor] = {}
+    files: list[str] = []
+    for component, prefix in _PREFIXES.items():
+        file = _weights_file(folder, component)
+        ckpt = read_checkpoint(file)
+        assert ckpt.tensors is not None
+        files.append(file)
+        try:
+            renamed = _to_original(component, ckpt.tensors, config)
+        except WeightsError as e:
+            raise WeightsError(f"{file}: {e}") from e
+        tensors |= {prefix + k: t for k, t in renamed.items()}
+        notes += [f"{os.path.relpath(file, folder)}: {n}" for n in ckpt.notes]
+    used = {*_PREFIXES, "tokenizer", "scheduler", "low_res_scheduler"}
+    extra = sorted(k for k, v in index.items() if k not in used and isinstance(v, list) and v and v[0])
+    if extra:
+        notes.append(f"components not used by stablekit: {', '.join(extra)}")
+    return DiffusersFolder(config, tensors, files, notes)
+
+
+def _tokenizer_files(text: TextConfig) -> dict[str, Any]:
+    vocab = _load_vocab()
+    merges = sorted(vocab.ranks, key=vocab.ranks.__getitem__)
+    pad = vocab.tokens[text.pad_token]
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
+    return {
+        "vocab.json": {t: i for i, t in enumerate(vocab.tokens)},
+        "merges.txt": "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+        "special_tokens_map.json": special,
+        "tokenizer_config.json": {
+            "tokenizer_class": "CLIPTokenizer",
+            "model_max_length": text.context_length,
+            "do_lower_case": True,
+            "errors": "replace",
+            **special,
+        },
+    }
+
+
+def write_tokenizer(folder: str | os.PathLike[str], text: TextConfig) -> None:
+    """A transformers ``CLIPTokenizer`` folder for our vocabulary, padding like the family does."""
+    os.makedirs(folder, exist_ok=True)
+    for name, content in _tokenizer_files(text).items():
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
+
+
+def _write_json(path: str, d: Mapping[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(d, f, indent=2, sort_keys=True)
+
+
+def _from_original(
+    component: str, state: dict[str, Tensor], cfg: ModelConfig, optional: tuple[str, ...]
+) -> dict[str, Tensor]:
+    if component == "unet":
+        return from_original(state, unet_table(cfg.unet))
+    if component == "vae":
+        out = from_original(state, vae_table(cfg.vae))
+        # diffusers' VAE attention projections are Linear: [C, C, 1, 1] -> [C, C].
+        return {k: t.flatten(1) if ".attentions." in k and t.dim() == 4 else t for k, t in out.items()}
+    return from_original(state, text_table(cfg.text), text_splits(cfg.text), ignore=optional)
+
+
+def _component_config(component: str, cfg: ModelConfig) -> dict[str, Any]:
+    if component == "unet":
+        latent = cfg.default_size // cfg.vae.downsample
+        return {"_class_name": "UNet2DConditionModel", **diffusers_unet_config(cfg.unet, latent)}
+    if component == "vae":
+        return {"_class_name": "AutoencoderKL", **diffusers_vae_config(cfg.vae, sample_size=cfg.default_size)}
+    return diffusers_text_config(cfg.text)
+
+
+def write_folder(
+    path: str | os.PathLike[str],
+    config: ModelConfig,
+    state: Mapping[str, Tensor],
+    *,
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Write a diffusers folder from an original-layout state dict. ``optional`` are original keys diffusers
+    does not store (the text tower's unused parts)."""
+    folder = os.fspath(path)
+    if config.text.kind == "openai" and config.text.pad_token != EOT:
+        raise WeightsError("an OpenAI-CLIP tokenizer folder can only pad with <|endoftext|>")
+    sampler = _SCHEDULER_CLASSES.get(config.default_sampler, "DDIMScheduler")
+    index: dict[str, Any] = {
+        "_class_name": _PIPELINES[config.conditioning],
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", sampler],
+    }
+    if config.conditioning == "upscale":
+        index |= {"low_res_scheduler": ["diffusers", "DDPMScheduler"], "max_noise_level": config.max_noise_level}
+    else:
+        index |= {"safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+    if config.conditioning == "depth":
+        index["depth_estimator"] = [None, None]  # MiDaS is not part of a Stable Diffusion checkpoint
+    _write_json(os.path.join(folder, "model_index.json"), index)
+
+    for component, prefix in _PREFIXES.items():
+        mine = {k[len(prefix) :]: t for k, t in state.items() if k.startswith(prefix)}
+        skip = tuple(k[len(prefix) :] for k in optional if k.startswith(prefix))
+        tensors = _from_original(component, mine, config, skip)
+        sub = os.path.join(folder, component)
+        _write_json(
+            os.path.join(sub, "config.json"),
+            {"_diffusers_version": DIFFUSERS_VERSION, **_component_config(component, config)},
+        )
+        write_safetensors(os.path.join(sub, _WEIGHT_NAMES[component][0] + ".safetensors"), tensors, {"format": "pt"})
+
+    _write_json(
+        os.path.join(folder, "scheduler", "scheduler_config.json"), schedule_to_diffusers(config.schedule, sampler)
+    )
+    if config.low_res_schedule is not None:
+        low = schedule_to_diffusers(config.low_res_schedule, "DDPMScheduler")
+        low |= {"clip_sample": True, "variance_type": "fixed_small"}
+        _write_json(os.path.join(folder, "low_res_scheduler", "scheduler_config.json"), low)
+    write_tokenizer(os.path.join(folder, "tokenizer"), config.text)
