@@ -78,6 +78,6 @@ def hf_clip_tokenizer(folder: Path, *, pad_token: str | None = None):  # type: i
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     extra = {"pad_token": pad_token} if pad_token is not None else {}
-    tok = transformers.CLIPTokenizer.from_pretrained(str(folder), **extra)
+    tok = transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, **extra)
     assert len(tok) == 49408
     return tok

@@ -100,7 +100,9 @@ def _resolve(pipe: Pipeline, p: GenerationParams) -> _Resolved:
     return _Resolved(width, height, steps, guidance, seed, sampler)
 
 
-def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, list[torch.Generator]]:
+def initial_noise(
+    seeds: Sequence[int], shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[Tensor, list[torch.Generator]]:
     """One CPU generator per image, each drawing its own (1, C, h, w) noise, as diffusers does with a list of
     generators. The generators are returned so samplers that draw per-step noise continue the same streams."""
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]

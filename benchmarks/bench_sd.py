@@ -1,0 +1,197 @@
+"""Ours vs diffusers, same random weights, same process: UNet step, VAE decode, a whole generation.
+
+    .venv/bin/python benchmarks/bench_sd.py [--family sd2-base] [--repeats 3] [--threads N] [--skip-gen]
+
+Prints seconds (median of --repeats after the first call, which is reported separately because a user's first
+image pays it), the ratio ours/diffusers (below 1 means we are faster), achieved GFLOP/s (FLOPs counted once by
+``torch.utils.flop_counter``) and the peak resident-memory increase during the call (sampled every 5 ms).
+The generation compares our txt2img pipeline against diffusers' StableDiffusionPipeline given the same prompt
+embeddings (so the tokenizer is not part of the comparison; text encoding is inside both timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from stablekit.config import PRESETS, ModelConfig
+from stablekit.models.ldm import LatentDiffusion
+from stablekit.weights.convert import from_original
+from stablekit.weights.tables.text import diffusers_text_config, text_splits, text_table
+from stablekit.weights.tables.unet import diffusers_unet_config, unet_table
+from stablekit.weights.tables.vae import diffusers_vae_config, vae_table
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Peak RSS above the starting RSS while the block runs (a sampling thread: CPU allocations by torch are
+    invisible to tracemalloc)."""
+
+    def __enter__(self) -> PeakRSS:
+        gc.collect()
+        self.base = self.peak = rss()
+        self._stop = False
+        self._t = threading.Thread(target=self._poll, daemon=True)
+        self._t.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, rss())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+    """(first-call seconds, median of the following calls, peak RSS MiB over all calls)."""
+    with PeakRSS() as mem, torch.inference_mode():
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return first, statistics.median(times) if times else first, mem.mib
+
+
+def flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fn()
+    return counter.get_total_flops()
+
+
+def diffusers_models(ours: LatentDiffusion, cfg: ModelConfig, size: int):  # type: ignore[no-untyped-def]
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(**diffusers_unet_config(cfg.unet, size // cfg.vae.downsample))
+    unet.load_state_dict(from_original(ours.model.diffusion_model.state_dict(), unet_table(cfg.unet)))
+    vae = AutoencoderKL(**diffusers_vae_config(cfg.vae))
+    vae_sd = from_original(ours.first_stage_model.state_dict(), vae_table(cfg.vae))
+    want = vae.state_dict()
+    vae.load_state_dict({k: v.reshape(want[k].shape) for k, v in vae_sd.items()})
+    text = CLIPTextModel(CLIPTextConfig(**diffusers_text_config(cfg.text)))
+    text_sd = {k: v for k, v in ours.cond_stage_model.state_dict().items()}
+    converted = from_original(text_sd, text_table(cfg.text), text_splits(cfg.text),
+                              ignore=[k for k in text_sd if k not in _table_keys(cfg)])
+    text.load_state_dict(converted, strict=False)
+    return unet.eval(), vae.eval(), text.eval()
+
+
+def _table_keys(cfg: ModelConfig) -> set[str]:
+    table = text_table(cfg.text)
+    splits = text_splits(cfg.text)
+    return set(splits) | {f"{m}.{p}" for m in table for p in ("weight", "bias")}
+
+
+def row(
+    name: str, ours: tuple[float, float, float], ref: tuple[float, float, float], gflop: float | None
+) -> None:
+    rate = f"{gflop / ours[1]:7.1f} / {gflop / ref[1]:7.1f} GFLOP/s" if gflop else f"{'-':>25}"
+    print(
+        f"{name:<34} first {ours[0]:7.3f}s / {ref[0]:7.3f}s   steady {ours[1]:7.3f}s / {ref[1]:7.3f}s  "
+        f"ratio {ours[1] / ref[1]:5.2f}   {rate}   peak +{ours[2]:7.0f} / +{ref[2]:7.0f} MiB"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--family", default="sd2-base", choices=sorted(PRESETS))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--skip-gen", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = PRESETS[args.family]
+    if cfg.conditioning != "txt2img":
+        cfg = replace(cfg, unet=replace(cfg.unet, in_channels=4))
+    print(f"torch {torch.__version__}, {args.threads} threads, family {cfg.name}, fp32, ours / diffusers")
+    ours = LatentDiffusion(cfg).eval()
+    unet, vae, text = diffusers_models(ours, cfg, max(args.sizes))
+    our_unet = ours.model.diffusion_model
+    ctx = torch.randn(2, cfg.text.context_length, cfg.unet.context_dim)
+    t = torch.tensor([500, 500])
+    for size in args.sizes:
+        x = torch.randn(2, 4, size // 8, size // 8)
+
+        def ours_step(x: torch.Tensor = x) -> object:
+            return our_unet(x, t, ctx)
+
+        def ref_step(x: torch.Tensor = x) -> object:
+            return unet(x, t, encoder_hidden_states=ctx).sample
+
+        g = flops(ours_step) / 1e9
+        row(f"UNet step {size}px, batch 2 (CFG)", measure(ours_step, args.repeats),
+            measure(ref_step, args.repeats), g)
+    z = torch.randn(1, 4, 64, 64)
+    def ours_dec() -> object:
+        return ours.first_stage_model.decode(z)
+    def ref_dec() -> object:
+        return vae.decode(z).sample
+    g = flops(ours_dec) / 1e9
+    row("VAE decode 512px, batch 1", measure(ours_dec, args.repeats), measure(ref_dec, args.repeats), g)
+    if not args.skip_gen:
+        bench_generation(ours, cfg, unet, vae, text, args.repeats)
+
+
+def bench_generation(ours: LatentDiffusion, cfg: ModelConfig, unet, vae, text, repeats: int) -> None:  # type: ignore[no-untyped-def]
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from stablekit.pipelines import GenerationParams, Pipeline, generate
+    from stablekit.text.tokenizer import tokenize
+
+    pipe = Pipeline(ours, cfg, device="cpu", dtype=torch.float32, name="bench")
+    ref = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=None, unet=unet,
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                prediction_type="epsilon" if cfg.schedule.prediction == "eps" else "v_prediction"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    ref.set_progress_bar_config(disable=True)
+    params = GenerationParams("a red circle on a blue background", width=256, height=256, steps=20,
+                              guidance_scale=7.5, seed=1, sampler="ddim")
+
+    def ours_gen() -> object:
+        return generate(pipe, params)
+
+    def ref_gen() -> object:
+        ids = tokenize([params.prompt, ""], pad_token=cfg.text.pad_token).ids
+        emb = text(ids).last_hidden_state
+        return ref(prompt_embeds=emb[:1], negative_prompt_embeds=emb[1:], height=256, width=256,
+                   num_inference_steps=20, guidance_scale=7.5,
+                   generator=[torch.Generator("cpu").manual_seed(1)], output_type="np").images
+
+    reps = max(1, repeats - 2)
+    row("txt2img 256px, 20 DDIM steps", measure(ours_gen, reps), measure(ref_gen, reps), None)
+
+
+if __name__ == "__main__":
+    main()
