@@ -97,8 +97,9 @@ def diffusers_models(ours: LatentDiffusion, cfg: ModelConfig, size: int):  # typ
     vae.load_state_dict({k: v.reshape(want[k].shape) for k, v in vae_sd.items()})
     text = CLIPTextModel(CLIPTextConfig(**diffusers_text_config(cfg.text)))
     text_sd = {k: v for k, v in ours.cond_stage_model.state_dict().items()}
-    converted = from_original(text_sd, text_table(cfg.text), text_splits(cfg.text),
-                              ignore=[k for k in text_sd if k not in _table_keys(cfg)])
+    converted = from_original(
+        text_sd, text_table(cfg.text), text_splits(cfg.text), ignore=[k for k in text_sd if k not in _table_keys(cfg)]
+    )
     text.load_state_dict(converted, strict=False)
     return unet.eval(), vae.eval(), text.eval()
 
@@ -109,9 +110,7 @@ def _table_keys(cfg: ModelConfig) -> set[str]:
     return set(splits) | {f"{m}.{p}" for m in table for p in ("weight", "bias")}
 
 
-def row(
-    name: str, ours: tuple[float, float, float], ref: tuple[float, float, float], gflop: float | None
-) -> None:
+def row(name: str, ours: tuple[float, float, float], ref: tuple[float, float, float], gflop: float | None) -> None:
     rate = f"{gflop / ours[1]:7.1f} / {gflop / ref[1]:7.1f} GFLOP/s" if gflop else f"{'-':>25}"
     print(
         f"{name:<34} first {ours[0]:7.3f}s / {ref[0]:7.3f}s   steady {ours[1]:7.3f}s / {ref[1]:7.3f}s  "
@@ -148,13 +147,15 @@ def main() -> None:
             return unet(x, t, encoder_hidden_states=ctx).sample
 
         g = flops(ours_step) / 1e9
-        row(f"UNet step {size}px, batch 2 (CFG)", measure(ours_step, args.repeats),
-            measure(ref_step, args.repeats), g)
+        row(f"UNet step {size}px, batch 2 (CFG)", measure(ours_step, args.repeats), measure(ref_step, args.repeats), g)
     z = torch.randn(1, 4, 64, 64)
+
     def ours_dec() -> object:
         return ours.first_stage_model.decode(z)
+
     def ref_dec() -> object:
         return vae.decode(z).sample
+
     g = flops(ours_dec) / 1e9
     row("VAE decode 512px, batch 1", measure(ours_dec, args.repeats), measure(ref_dec, args.repeats), g)
     if not args.skip_gen:
@@ -169,15 +170,27 @@ def bench_generation(ours: LatentDiffusion, cfg: ModelConfig, unet, vae, text, r
 
     pipe = Pipeline(ours, cfg, device="cpu", dtype=torch.float32, name="bench")
     ref = StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=None, unet=unet,
-        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                prediction_type="epsilon" if cfg.schedule.prediction == "eps" else "v_prediction"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="epsilon" if cfg.schedule.prediction == "eps" else "v_prediction",
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     ref.set_progress_bar_config(disable=True)
-    params = GenerationParams("a red circle on a blue background", width=256, height=256, steps=20,
-                              guidance_scale=7.5, seed=1, sampler="ddim")
+    params = GenerationParams(
+        "a red circle on a blue background", width=256, height=256, steps=20, guidance_scale=7.5, seed=1, sampler="ddim"
+    )
 
     def ours_gen() -> object:
         return generate(pipe, params)
@@ -185,9 +198,16 @@ def bench_generation(ours: LatentDiffusion, cfg: ModelConfig, unet, vae, text, r
     def ref_gen() -> object:
         ids = tokenize([params.prompt, ""], pad_token=cfg.text.pad_token).ids
         emb = text(ids).last_hidden_state
-        return ref(prompt_embeds=emb[:1], negative_prompt_embeds=emb[1:], height=256, width=256,
-                   num_inference_steps=20, guidance_scale=7.5,
-                   generator=[torch.Generator("cpu").manual_seed(1)], output_type="np").images
+        return ref(
+            prompt_embeds=emb[:1],
+            negative_prompt_embeds=emb[1:],
+            height=256,
+            width=256,
+            num_inference_steps=20,
+            guidance_scale=7.5,
+            generator=[torch.Generator("cpu").manual_seed(1)],
+            output_type="np",
+        ).images
 
     reps = max(1, repeats - 2)
     row("txt2img 256px, 20 DDIM steps", measure(ours_gen, reps), measure(ref_gen, reps), None)

@@ -137,8 +137,9 @@ OPENCLIP_H = TextConfig(
 SD_VAE = VAEConfig()
 
 SD1 = ModelConfig(name="sd1", unet=UNetConfig(), vae=SD_VAE, text=OPENAI_CLIP_L)
-SD1_INPAINT = replace(SD1, name="sd1-inpaint", unet=UNetConfig(in_channels=9), conditioning="inpaint",
-                      default_sampler="ddim")
+SD1_INPAINT = replace(
+    SD1, name="sd1-inpaint", unet=UNetConfig(in_channels=9), conditioning="inpaint", default_sampler="ddim"
+)
 
 _SD2_UNET = UNetConfig(num_heads=None, head_dim=64, context_dim=1024, use_linear_proj=True)
 SD2_BASE = ModelConfig(name="sd2-base", unet=_SD2_UNET, vae=SD_VAE, text=OPENCLIP_H)
@@ -150,10 +151,12 @@ SD2_V = replace(
     default_size=768,
     default_sampler="ddim",
 )
-SD2_INPAINT = replace(SD2_BASE, name="sd2-inpaint", unet=replace(_SD2_UNET, in_channels=9),
-                      conditioning="inpaint", default_sampler="ddim")
-SD2_DEPTH = replace(SD2_BASE, name="sd2-depth", unet=replace(_SD2_UNET, in_channels=5),
-                    conditioning="depth", default_sampler="ddim")
+SD2_INPAINT = replace(
+    SD2_BASE, name="sd2-inpaint", unet=replace(_SD2_UNET, in_channels=9), conditioning="inpaint", default_sampler="ddim"
+)
+SD2_DEPTH = replace(
+    SD2_BASE, name="sd2-depth", unet=replace(_SD2_UNET, in_channels=5), conditioning="depth", default_sampler="ddim"
+)
 X4_UPSCALER = ModelConfig(
     name="x4-upscaler",
     unet=UNetConfig(

@@ -48,8 +48,9 @@ def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
     return scores.softmax(-1) @ v
 
 
-def _run(backend: str, slice_size: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         causal: bool = False) -> torch.Tensor:
+def _run(
+    backend: str, slice_size: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+) -> torch.Tensor:
     with attention_backend(backend, slice_size=slice_size):  # type: ignore[arg-type]
         return attention(q, k, v, causal=causal)
 

@@ -82,7 +82,9 @@ def test_text_encoder_full_size(cfg: ModelConfig) -> None:
     _perturb(ref)
     ours = text_encoder(cfg.text).eval()
     state = to_original(
-        with_text_model_prefix(ref.state_dict()), text_table(cfg.text), text_splits(cfg.text),
+        with_text_model_prefix(ref.state_dict()),
+        text_table(cfg.text),
+        text_splits(cfg.text),
         ignore=text_ignored_keys(cfg.text),
     )
     ours.load_state_dict(fit_state_dict(ours, state, optional=ours.OPTIONAL_KEYS), strict=True)

@@ -47,13 +47,23 @@ def build_diffusers_folder(cfg: ModelConfig, root: Path) -> Path:
         _perturb(m, gen)
     tokenizer = hf_clip_tokenizer(root / "tokenizer-src", pad_token="!" if cfg.text.pad_token == 0 else None)
     scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
         prediction_type="v_prediction" if cfg.schedule.prediction == "v" else "epsilon",
     )
     pipe = diffusers.StableDiffusionPipeline(
-        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     folder = root / cfg.name
     pipe.save_pretrained(folder)
@@ -74,17 +84,34 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def test_txt2img_matches_diffusers_ddim(pair, guidance: float) -> None:  # type: ignore[no-untyped-def]
     ours, ref, _ = pair
     seed, n, steps = 42, 2, 6
-    params = GenerationParams(PROMPT, NEGATIVE, width=64, height=64, steps=steps, guidance_scale=guidance,
-                              seed=seed, batch_size=n, sampler="ddim")
+    params = GenerationParams(
+        PROMPT,
+        NEGATIVE,
+        width=64,
+        height=64,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        batch_size=n,
+        sampler="ddim",
+    )
     events = list(txt2img(ours, params))
     progress = [e for e in events if isinstance(e, Progress)]
     assert [e.step for e in progress] == list(range(1, steps + 1))
     latents = progress[-1].latents
 
     def run(output_type: str):  # type: ignore[no-untyped-def]
-        return ref(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=steps,
-                   guidance_scale=guidance, num_images_per_prompt=n, output_type=output_type,
-                   generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]).images
+        return ref(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            height=64,
+            width=64,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=n,
+            output_type=output_type,
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+        ).images
 
     want_latents = run("latent")
     diff = (latents - want_latents).abs().max().item()
@@ -119,13 +146,22 @@ def test_sampler_by_name_matches_diffusers_from_config(pair, sampler: str, sched
     ref.scheduler = getattr(diffusers, name).from_config(original.config, **extra)
     try:
         seed, n, steps = 3, 2, 5
-        want = ref(PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=steps,
-                   guidance_scale=6.0, num_images_per_prompt=n, output_type="latent",
-                   generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)]).images
+        want = ref(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            height=64,
+            width=64,
+            num_inference_steps=steps,
+            guidance_scale=6.0,
+            num_images_per_prompt=n,
+            output_type="latent",
+            generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+        ).images
     finally:
         ref.scheduler = original
-    params = GenerationParams(PROMPT, NEGATIVE, width=64, height=64, steps=steps, guidance_scale=6.0,
-                              seed=seed, batch_size=n, sampler=sampler)
+    params = GenerationParams(
+        PROMPT, NEGATIVE, width=64, height=64, steps=steps, guidance_scale=6.0, seed=seed, batch_size=n, sampler=sampler
+    )
     latents = [e for e in txt2img(ours, params) if isinstance(e, Progress)][-1].latents
     # fp32 rounding grows with the latents' magnitude (several units for these random weights).
     diff = (latents - want).abs().max().item()
@@ -178,8 +214,28 @@ def test_png_carries_a1111_parameters(pair, tmp_path: Path) -> None:  # type: ig
 
     _, _, folder = pair
     out = tmp_path / "img.png"
-    rc = main(["generate", "a cat, sitting: on a mat", "--model", str(folder), "--negative", "dog",
-               "--steps", "2", "--seed", "5", "-W", "64", "-H", "64", "--batch-size", "2", "-o", str(out)])
+    rc = main(
+        [
+            "generate",
+            "a cat, sitting: on a mat",
+            "--model",
+            str(folder),
+            "--negative",
+            "dog",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--batch-size",
+            "2",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     for i in range(2):
         text = read_parameters(tmp_path / f"img-{i}.png")

@@ -107,16 +107,24 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("ddim", "DDIMScheduler", {}, {}),
     ("ddim", "DDIMScheduler", {"timestep_spacing": "trailing"}, {"timestep_spacing": "trailing"}),
     ("ddim", "DDIMScheduler", {"timestep_spacing": "linspace"}, {"timestep_spacing": "linspace"}),
-    ("ddim", "DDIMScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
-     {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),
+    (
+        "ddim",
+        "DDIMScheduler",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    ),
     ("ddim", "DDIMScheduler", {"set_alpha_to_one": True}, {"set_alpha_to_one": True}),
     ("pndm", "PNDMScheduler", {}, {}),
     ("pndm", "PNDMScheduler", {"timestep_spacing": "trailing"}, {"timestep_spacing": "trailing"}),
     ("euler", "EulerDiscreteScheduler", {}, {}),
     ("euler", "EulerDiscreteScheduler", {"timestep_spacing": "leading"}, {"timestep_spacing": "leading"}),
     ("euler", "EulerDiscreteScheduler", {"use_karras_sigmas": True}, {"karras": True}),
-    ("euler", "EulerDiscreteScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
-     {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),
+    (
+        "euler",
+        "EulerDiscreteScheduler",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    ),
     ("euler_a", "EulerAncestralDiscreteScheduler", {}, {}),
     ("euler_a", "EulerAncestralDiscreteScheduler", {"timestep_spacing": "leading"}, {"timestep_spacing": "leading"}),
     ("heun", "HeunDiscreteScheduler", {}, {}),
@@ -125,12 +133,20 @@ CASES: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("lms_karras", "LMSDiscreteScheduler", {"use_karras_sigmas": True}, {}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {}, {}),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", {"timestep_spacing": "leading"}, {"timestep_spacing": "leading"}),
-    ("dpmpp_2m", "DPMSolverMultistepScheduler", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
-     {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),
+    (
+        "dpmpp_2m",
+        "DPMSolverMultistepScheduler",
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+        {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    ),
     ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, {}),
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
-    ("dpmpp_2m_sde_karras", "DPMSolverMultistepScheduler",
-     {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, {}),
+    (
+        "dpmpp_2m_sde_karras",
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+        {},
+    ),
     ("unipc", "UniPCMultistepScheduler", {}, {}),
     ("unipc", "UniPCMultistepScheduler", {"timestep_spacing": "trailing"}, {"timestep_spacing": "trailing"}),
     ("unipc", "UniPCMultistepScheduler", {"use_karras_sigmas": True}, {"karras": True}),
@@ -151,13 +167,22 @@ def _refused(name: str, prediction: str, config: dict[str, Any]) -> bool:
     return prediction == "eps" and bool(config.get("rescale_betas_zero_snr")) and name in ("ddim", "pndm")
 
 
-def _compare(name: str, cls: str, config: dict[str, Any], overrides: dict[str, Any], prediction: str, steps: int,
-             noise: Tensor, **kw: Any) -> None:
+def _compare(
+    name: str,
+    cls: str,
+    config: dict[str, Any],
+    overrides: dict[str, Any],
+    prediction: str,
+    steps: int,
+    noise: Tensor,
+    **kw: Any,
+) -> None:
     if name.startswith("lms"):
         pytest.importorskip("scipy")  # diffusers' LMS integrates its weights with scipy
     ref_model, our_model = Model(), Model()
-    ref = diffusers_run(ref_model, cls, steps, noise, config={**config, "prediction_type": PRED[prediction]},
-                        **kw, **_gen(name))
+    ref = diffusers_run(
+        ref_model, cls, steps, noise, config={**config, "prediction_type": PRED[prediction]}, **kw, **_gen(name)
+    )
     got = ours(our_model, name, steps, noise, prediction, **overrides, **kw, **_gen(name))
     assert our_model.timesteps == ref_model.timesteps
     assert (got - ref).abs().max().item() < TOL
@@ -188,8 +213,15 @@ def test_img2img_parity(case: tuple[Any, ...], prediction: str, steps: int) -> N
     _compare(name, cls, config, overrides, prediction, steps, noise, init=init, strength=0.6)
 
 
-INPAINT = ["DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-           "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"]
+INPAINT = [
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+]
 
 
 @pytest.mark.parametrize("cls", INPAINT)
@@ -198,8 +230,7 @@ def test_inpaint_mask_callback_parity(cls: str, strength: float) -> None:
     g = torch.Generator().manual_seed(3)
     noise, init = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     mask = (torch.rand(SHAPE[0], 1, *SHAPE[2:], generator=g) > 0.5).float()
-    ref = diffusers_run(Model(), cls, 10, noise, config={}, init=init, strength=strength, mask=mask,
-                        **_gen(cls))
+    ref = diffusers_run(Model(), cls, 10, noise, config={}, init=init, strength=strength, mask=mask, **_gen(cls))
 
     def blend(x: Tensor, renoise: Any) -> Tensor:
         return (1 - mask) * renoise(init) + mask * x
@@ -212,8 +243,9 @@ def test_inpaint_mask_callback_parity(cls: str, strength: float) -> None:
 
 def test_ddim_eta_draws_noise_as_diffusers() -> None:
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    ref = diffusers_run(Model(), "DDIMScheduler", 10, noise, config={},
-                        generator=torch.Generator().manual_seed(7), eta=0.7)
+    ref = diffusers_run(
+        Model(), "DDIMScheduler", 10, noise, config={}, generator=torch.Generator().manual_seed(7), eta=0.7
+    )
     got = ours(Model(), "DDIM", 10, noise, "eps", eta=0.7, generator=torch.Generator().manual_seed(7))
     assert (got - ref).abs().max().item() < TOL
 

@@ -14,13 +14,24 @@ from stablekit.diffusion.dpmsolver import plan_multistep
 from stablekit.diffusion.karras import plan_heun, plan_sigmas
 from stablekit.diffusion.schedules import karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
 
-BASE = {"num_train_timesteps": 1000, "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False,
-        "skip_prk_steps": True}
+BASE = {
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "set_alpha_to_one": False,
+    "clip_sample": False,
+    "skip_prk_steps": True,
+}
 
 
 def _diffusers_config(s: ScheduleConfig) -> dict[str, object]:
-    return {**BASE, "beta_start": s.beta_start, "beta_end": s.beta_end, "beta_schedule": s.beta_schedule,
-            "timestep_spacing": s.timestep_spacing, "rescale_betas_zero_snr": s.rescale_betas_zero_snr}
+    return {
+        **BASE,
+        "beta_start": s.beta_start,
+        "beta_end": s.beta_end,
+        "beta_schedule": s.beta_schedule,
+        "timestep_spacing": s.timestep_spacing,
+        "rescale_betas_zero_snr": s.rescale_betas_zero_snr,
+    }
 
 
 SCHEDULES = [
@@ -89,9 +100,9 @@ def test_karras_sigmas(steps: int) -> None:
         assert np.all(np.diff(sig) < 0)
     # ρ = 7: σ^{1/7} is linear in the step index.
     assert np.allclose(np.diff(sig ** (1 / 7), 2), 0, atol=1e-12)
-    ref = diffusers.DPMSolverMultistepScheduler.from_config({**BASE, "beta_start": 0.00085, "beta_end": 0.012,
-                                                            "beta_schedule": "scaled_linear",
-                                                            "use_karras_sigmas": True})
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(
+        {**BASE, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "use_karras_sigmas": True}
+    )
     ref.set_timesteps(steps)
     plan = plan_multistep(ScheduleConfig(timestep_spacing="linspace"), steps, karras=True)
     assert torch.equal(plan.sigmas, ref.sigmas) and torch.equal(plan.timesteps, ref.timesteps.float())
@@ -108,8 +119,9 @@ def test_sigma_to_t_inverts_the_training_sigmas() -> None:
 def test_add_noise_matches_ddpm_scheduler_for_the_x4_low_res_image() -> None:
     low = X4_UPSCALER.low_res_schedule
     assert low is not None
-    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=low.beta_start, beta_end=low.beta_end,
-                                  beta_schedule=low.beta_schedule)
+    ref = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_start=low.beta_start, beta_end=low.beta_end, beta_schedule=low.beta_schedule
+    )
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, 3, 16, 16, generator=g)
     for t in (torch.tensor([20, 20]), torch.tensor([0, 349])):

@@ -101,10 +101,19 @@ def test_exports_a_folder_transformers_loads(cfg: TextConfig, tmp_path: Path) ->
 
 def test_openclip_matches_open_clip_text_transformer() -> None:
     cfg = TINY_TEXT_SD2
-    oc = open_clip_module("transformer").TextTransformer(
-        context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.width, heads=cfg.heads,
-        layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, output_dim=cfg.embed_dim,
-    ).eval()
+    oc = (
+        open_clip_module("transformer")
+        .TextTransformer(
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            width=cfg.width,
+            heads=cfg.heads,
+            layers=cfg.layers,
+            mlp_ratio=cfg.mlp_ratio,
+            output_dim=cfg.embed_dim,
+        )
+        .eval()
+    )
     _scramble(oc)
     ours = FrozenOpenCLIPEmbedder(cfg).eval()
     # Same layout, no table: open_clip's key names are ours after "model.".
@@ -175,7 +184,9 @@ def test_full_size_sd2_keys_are_the_original_ones() -> None:
     assert got == want
     optional = set(model.OPTIONAL_KEYS)
     assert optional == {k for k in want if k.startswith("model.transformer.resblocks.23.")} | {
-        "model.text_projection", "model.logit_scale"}
+        "model.text_projection",
+        "model.logit_scale",
+    }
 
 
 @pytest.mark.parametrize("cfg", [OPENAI_CLIP_L, OPENCLIP_H], ids=["sd1", "sd2"])

@@ -26,8 +26,7 @@ from stablekit.weights.convert import fit_state_dict, from_original, to_original
 from stablekit.weights.tables.unet import diffusers_unet_config, unet_config_from_diffusers, unet_table
 from tests.tiny import TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_DEPTH, TINY_SD2_INPAINT, TINY_X4
 
-TINY_UNETS = {c.name: c.unet for c in (TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_INPAINT, TINY_SD2_DEPTH,
-                                       TINY_X4)}
+TINY_UNETS = {c.name: c.unet for c in (TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_INPAINT, TINY_SD2_DEPTH, TINY_X4)}
 
 
 @cache
@@ -45,9 +44,7 @@ def _pair(name: str) -> tuple[UNet2DConditionModel, UNetModel]:
     return ref, ours
 
 
-def _inputs(
-    cfg: UNetConfig, h: int, w: int, timesteps: tuple[float, float]
-) -> dict[str, torch.Tensor | None]:
+def _inputs(cfg: UNetConfig, h: int, w: int, timesteps: tuple[float, float]) -> dict[str, torch.Tensor | None]:
     return {
         "x": torch.randn(2, cfg.in_channels, h, w),
         "t": torch.tensor(timesteps),
@@ -155,29 +152,50 @@ def test_config_round_trip(name: str) -> None:
 # unet/config.json of the released diffusers repos, from the fact sheet (§3): the head count hides in
 # ``attention_head_dim``, an int for SD1/x4 and a per-level list for SD2.
 _HUB_SD15 = {
-    "in_channels": 4, "out_channels": 4, "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
     "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "attention_head_dim": 8, "cross_attention_dim": 768, "flip_sin_to_cos": True, "freq_shift": 0,
-    "norm_num_groups": 32, "norm_eps": 1e-05, "sample_size": 64,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-05,
+    "sample_size": 64,
 }
 _HUB_SD21 = _HUB_SD15 | {
-    "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "use_linear_projection": True,
-    "upcast_attention": True, "sample_size": 96, "num_attention_heads": None,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "sample_size": 96,
+    "num_attention_heads": None,
 }
 _HUB_X4 = _HUB_SD15 | {
-    "in_channels": 7, "block_out_channels": [256, 512, 512, 1024],
+    "in_channels": 7,
+    "block_out_channels": [256, 512, 512, 1024],
     "down_block_types": ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 3,
     "up_block_types": ["CrossAttnUpBlock2D"] * 3 + ["UpBlock2D"],
-    "cross_attention_dim": 1024, "use_linear_projection": True, "num_class_embeds": 1000,
-    "only_cross_attention": [True, True, True, False], "sample_size": 128,
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "num_class_embeds": 1000,
+    "only_cross_attention": [True, True, True, False],
+    "sample_size": 128,
 }
 
 
 @pytest.mark.parametrize(
     "hub, want",
-    [(_HUB_SD15, SD1.unet), (_HUB_SD15 | {"in_channels": 9}, SD1_INPAINT.unet), (_HUB_SD21, SD2_V.unet),
-     (_HUB_SD21 | {"upcast_attention": False}, SD2_BASE.unet), (_HUB_X4, X4_UPSCALER.unet)],
+    [
+        (_HUB_SD15, SD1.unet),
+        (_HUB_SD15 | {"in_channels": 9}, SD1_INPAINT.unet),
+        (_HUB_SD21, SD2_V.unet),
+        (_HUB_SD21 | {"upcast_attention": False}, SD2_BASE.unet),
+        (_HUB_X4, X4_UPSCALER.unet),
+    ],
 )
 def test_config_from_released_diffusers_configs(hub: dict[str, object], want: UNetConfig) -> None:
     assert unet_config_from_diffusers(hub) == want
@@ -200,23 +218,53 @@ def _meta_shapes(cfg: UNetConfig) -> dict[str, tuple[int, ...]]:
 # Fact sheet, "Identifying tensors" (None = absent).
 _IDENTIFYING = {
     "input_blocks.0.0.weight": {
-        "sd1": (320, 4, 3, 3), "sd1-inpaint": (320, 9, 3, 3), "sd2-base": (320, 4, 3, 3),
-        "sd2-inpaint": (320, 9, 3, 3), "sd2-depth": (320, 5, 3, 3), "x4-upscaler": (256, 7, 3, 3)},
+        "sd1": (320, 4, 3, 3),
+        "sd1-inpaint": (320, 9, 3, 3),
+        "sd2-base": (320, 4, 3, 3),
+        "sd2-inpaint": (320, 9, 3, 3),
+        "sd2-depth": (320, 5, 3, 3),
+        "x4-upscaler": (256, 7, 3, 3),
+    },
     "input_blocks.1.1.proj_in.weight": {
-        "sd1": (320, 320, 1, 1), "sd1-inpaint": (320, 320, 1, 1), "sd2-base": (320, 320),
-        "sd2-inpaint": (320, 320), "sd2-depth": (320, 320), "x4-upscaler": None},
+        "sd1": (320, 320, 1, 1),
+        "sd1-inpaint": (320, 320, 1, 1),
+        "sd2-base": (320, 320),
+        "sd2-inpaint": (320, 320),
+        "sd2-depth": (320, 320),
+        "x4-upscaler": None,
+    },
     "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": {
-        "sd1": (320, 768), "sd1-inpaint": (320, 768), "sd2-base": (320, 1024), "sd2-inpaint": (320, 1024),
-        "sd2-depth": (320, 1024), "x4-upscaler": None},
+        "sd1": (320, 768),
+        "sd1-inpaint": (320, 768),
+        "sd2-base": (320, 1024),
+        "sd2-inpaint": (320, 1024),
+        "sd2-depth": (320, 1024),
+        "x4-upscaler": None,
+    },
     "input_blocks.10.0.skip_connection.weight": {
-        "sd1": None, "sd1-inpaint": None, "sd2-base": None, "sd2-inpaint": None, "sd2-depth": None,
-        "x4-upscaler": (1024, 512, 1, 1)},
+        "sd1": None,
+        "sd1-inpaint": None,
+        "sd2-base": None,
+        "sd2-inpaint": None,
+        "sd2-depth": None,
+        "x4-upscaler": (1024, 512, 1, 1),
+    },
     "time_embed.0.weight": {
-        "sd1": (1280, 320), "sd1-inpaint": (1280, 320), "sd2-base": (1280, 320), "sd2-inpaint": (1280, 320),
-        "sd2-depth": (1280, 320), "x4-upscaler": (1024, 256)},
+        "sd1": (1280, 320),
+        "sd1-inpaint": (1280, 320),
+        "sd2-base": (1280, 320),
+        "sd2-inpaint": (1280, 320),
+        "sd2-depth": (1280, 320),
+        "x4-upscaler": (1024, 256),
+    },
     "label_emb.weight": {
-        "sd1": None, "sd1-inpaint": None, "sd2-base": None, "sd2-inpaint": None, "sd2-depth": None,
-        "x4-upscaler": (1000, 1024)},
+        "sd1": None,
+        "sd1-inpaint": None,
+        "sd2-base": None,
+        "sd2-inpaint": None,
+        "sd2-depth": None,
+        "x4-upscaler": (1000, 1024),
+    },
 }
 _FULL = {c.name: c.unet for c in (SD1, SD1_INPAINT, SD2_BASE, SD2_INPAINT, SD2_DEPTH, X4_UPSCALER)}
 
@@ -231,12 +279,21 @@ def test_full_size_identifying_keys(family: str) -> None:
 @pytest.mark.parametrize(
     "family, res_in, upsamplers",
     [
-        ("sd1", [2560, 2560, 2560, 2560, 2560, 1920, 1920, 1280, 960, 960, 640, 640], (
-            "output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv")),
-        ("sd2-base", [2560, 2560, 2560, 2560, 2560, 1920, 1920, 1280, 960, 960, 640, 640], (
-            "output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv")),
-        ("x4-upscaler", [2048, 2048, 1536, 1536, 1024, 1024, 1024, 1024, 768, 768, 512, 512], (
-            "output_blocks.2.2.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv")),
+        (
+            "sd1",
+            [2560, 2560, 2560, 2560, 2560, 1920, 1920, 1280, 960, 960, 640, 640],
+            ("output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"),
+        ),
+        (
+            "sd2-base",
+            [2560, 2560, 2560, 2560, 2560, 1920, 1920, 1280, 960, 960, 640, 640],
+            ("output_blocks.2.1.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"),
+        ),
+        (
+            "x4-upscaler",
+            [2048, 2048, 1536, 1536, 1024, 1024, 1024, 1024, 768, 768, 512, 512],
+            ("output_blocks.2.2.conv", "output_blocks.5.2.conv", "output_blocks.8.2.conv"),
+        ),
     ],
 )
 def test_full_size_output_blocks(family: str, res_in: list[int], upsamplers: tuple[str, ...]) -> None:

@@ -87,9 +87,7 @@ def test_logvar_is_clamped():
     assert torch.allclose(post.std, torch.exp(0.5 * post.logvar))
 
 
-@pytest.mark.parametrize(
-    "cfg", [SD_VAE, X4_UPSCALER.vae, TINY_VAE, TINY_X4_VAE], ids=["sd", "x4", "tiny", "tiny-x4"]
-)
+@pytest.mark.parametrize("cfg", [SD_VAE, X4_UPSCALER.vae, TINY_VAE, TINY_X4_VAE], ids=["sd", "x4", "tiny", "tiny-x4"])
 def test_table_covers_both_layouts(cfg):
     with torch.device("meta"):
         ours, ref = AutoencoderKL(cfg), RefAutoencoderKL(**diffusers_vae_config(cfg))
@@ -155,8 +153,12 @@ def test_config_conversion():
     x4_missing = {k: v for k, v in x4.items() if k != "scaling_factor"}
     assert vae_config_from_diffusers(x4_missing).scale_factor == 0.08333
     assert vae_config_from_diffusers({**x4, "scaling_factor": 0.18215}).scale_factor == 0.08333
-    for bad in ({"use_quant_conv": False}, {"mid_block_add_attention": False}, {"shift_factor": 0.1159},
-                {"down_block_types": ["DownEncoderBlock2D"]}):
+    for bad in (
+        {"use_quant_conv": False},
+        {"mid_block_add_attention": False},
+        {"shift_factor": 0.1159},
+        {"down_block_types": ["DownEncoderBlock2D"]},
+    ):
         with pytest.raises(ValueError):
             vae_config_from_diffusers({**d, **bad})
     with pytest.raises(ValueError):

@@ -51,25 +51,36 @@ TINY_UNET_X4 = UNetConfig(
 
 TINY_SD1 = replace(SD1, name="tiny-sd1", unet=TINY_UNET_SD1, vae=TINY_VAE, text=TINY_TEXT_SD1)
 TINY_SD1_INPAINT = replace(
-    SD1_INPAINT, name="tiny-sd1-inpaint", unet=replace(TINY_UNET_SD1, in_channels=9), vae=TINY_VAE,
+    SD1_INPAINT,
+    name="tiny-sd1-inpaint",
+    unet=replace(TINY_UNET_SD1, in_channels=9),
+    vae=TINY_VAE,
     text=TINY_TEXT_SD1,
 )
 TINY_SD2 = replace(SD2_BASE, name="tiny-sd2", unet=TINY_UNET_SD2, vae=TINY_VAE, text=TINY_TEXT_SD2)
 TINY_SD2_V = replace(SD2_V, name="tiny-sd2-v", unet=TINY_UNET_SD2, vae=TINY_VAE, text=TINY_TEXT_SD2)
 TINY_SD2_INPAINT = replace(
-    SD2_INPAINT, name="tiny-sd2-inpaint", unet=replace(TINY_UNET_SD2, in_channels=9), vae=TINY_VAE,
+    SD2_INPAINT,
+    name="tiny-sd2-inpaint",
+    unet=replace(TINY_UNET_SD2, in_channels=9),
+    vae=TINY_VAE,
     text=TINY_TEXT_SD2,
 )
 TINY_SD2_DEPTH = replace(
-    SD2_DEPTH, name="tiny-sd2-depth", unet=replace(TINY_UNET_SD2, in_channels=5), vae=TINY_VAE,
+    SD2_DEPTH,
+    name="tiny-sd2-depth",
+    unet=replace(TINY_UNET_SD2, in_channels=5),
+    vae=TINY_VAE,
     text=TINY_TEXT_SD2,
 )
 TINY_X4 = replace(
-    X4_UPSCALER, name="tiny-x4", unet=TINY_UNET_X4, vae=replace(TINY_VAE, scale_factor=0.08333),
+    X4_UPSCALER,
+    name="tiny-x4",
+    unet=TINY_UNET_X4,
+    vae=replace(TINY_VAE, scale_factor=0.08333),
     text=TINY_TEXT_SD2,
 )
 
 TINY: dict[str, ModelConfig] = {
-    c.name: c
-    for c in (TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SD2_INPAINT, TINY_SD2_DEPTH, TINY_X4)
+    c.name: c for c in (TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_V, TINY_SD2_INPAINT, TINY_SD2_DEPTH, TINY_X4)
 }

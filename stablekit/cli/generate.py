@@ -29,8 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--attention-slicing", action="store_true", help="compute attention in slices to save memory")
-    p.add_argument("--output", "-o", default="out.png",
-                   help="PNG path; with several images, -N is added before the suffix")
+    p.add_argument(
+        "--output", "-o", default="out.png", help="PNG path; with several images, -N is added before the suffix"
+    )
     p.set_defaults(run=run)
 
 

@@ -297,4 +297,3 @@ def _renoiser(plan: Plan, i: int, noise: Tensor) -> Callable[[Tensor], Tensor]:
         return lambda clean: clean
     a, s = plan.signal[i], plan.noise[i]
     return lambda clean: a * clean.float() + s * noise
-

@@ -22,9 +22,7 @@ def _conv3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
-        self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), nn.SiLU(), _conv3(channels, out_channels)
-        )
+        self.in_layers = nn.Sequential(GroupNorm32(groups, channels), nn.SiLU(), _conv3(channels, out_channels))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         # Index 2 is the dropout slot (p=0 in every released config).
         self.out_layers = nn.Sequential(
@@ -102,9 +100,7 @@ class SpatialTransformer(nn.Module):
         heads, head_dim = cfg.heads_at(channels)
         self.use_linear = cfg.use_linear_proj
         self.norm = GroupNorm32(cfg.norm_groups, channels, eps=1e-6)
-        self.proj_in: nn.Module = (
-            nn.Linear(channels, channels) if self.use_linear else nn.Conv2d(channels, channels, 1)
-        )
+        self.proj_in: nn.Module = nn.Linear(channels, channels) if self.use_linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, heads, head_dim, cfg.context_dim, self_attn)
             for _ in range(cfg.transformer_depth)
@@ -197,11 +193,13 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = TimestepEmbedSequential([
-            ResBlock(ch, emb_dim, ch, groups),
-            SpatialTransformer(ch, cfg, True),
-            ResBlock(ch, emb_dim, ch, groups),
-        ])
+        self.middle_block = TimestepEmbedSequential(
+            [
+                ResBlock(ch, emb_dim, ch, groups),
+                SpatialTransformer(ch, cfg, True),
+                ResBlock(ch, emb_dim, ch, groups),
+            ]
+        )
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):

@@ -153,9 +153,7 @@ def txt2img(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
                 latents = step.x
                 yield Progress(batch, step.index + 1, step.total, step.x, step.denoised)
             pixels = pipe.decode(latents)
-        texts = [
-            format_parameters(params.prompt, params.negative_prompt, {**settings, "Seed": s}) for s in seeds
-        ]
+        texts = [format_parameters(params.prompt, params.negative_prompt, {**settings, "Seed": s}) for s in seeds]
         yield Generated(batch, to_pil(pixels), seeds, texts)
 
 

@@ -158,9 +158,7 @@ class CLIPTokenizer:
         raw = symbols.translate(self._vocab.from_symbols).encode("latin-1")
         return raw.decode("utf-8", errors="replace").strip()
 
-    def tokenize(
-        self, prompts: str | Sequence[str], *, pad_token: int, context_length: int = CONTEXT_LENGTH
-    ) -> Tokens:
+    def tokenize(self, prompts: str | Sequence[str], *, pad_token: int, context_length: int = CONTEXT_LENGTH) -> Tokens:
         """Ids (B, context_length): [SOT] + tokens + [EOT], padded with ``pad_token``.
 
         Prompts longer than ``context_length - 2`` tokens are cut and still end in EOT; the cut-off text

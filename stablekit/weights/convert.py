@@ -95,14 +95,13 @@ def from_original(
             continue
         out[f"{table[module]}.{param}"] = tensor
     if unknown:
-        raise WeightsError(f"{len(unknown)} tensor(s) have no entry in the key table, e.g. "
-                           f"{', '.join(sorted(unknown)[:5])}")
+        raise WeightsError(
+            f"{len(unknown)} tensor(s) have no entry in the key table, e.g. {', '.join(sorted(unknown)[:5])}"
+        )
     return out
 
 
-def fit_state_dict(
-    model: nn.Module, state: Mapping[str, Tensor], *, optional: Iterable[str] = ()
-) -> dict[str, Tensor]:
+def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], *, optional: Iterable[str] = ()) -> dict[str, Tensor]:
     """Check ``state`` against ``model`` key by key and shape by shape, and return it ready for
     ``load_state_dict(strict=True)``.
 

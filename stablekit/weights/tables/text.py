@@ -116,9 +116,7 @@ def text_config_from_diffusers(d: dict[str, Any]) -> TextConfig:
     if int(d["intermediate_size"]) != width * common["mlp_ratio"]:
         raise ValueError(f"intermediate_size {d['intermediate_size']} is no multiple of hidden_size {width}")
     if act == "quick_gelu":
-        return TextConfig(
-            kind="openai", layers=n, layers_used=n, activation="quick_gelu", pad_token=49407, **common
-        )
+        return TextConfig(kind="openai", layers=n, layers_used=n, activation="quick_gelu", pad_token=49407, **common)
     if act == "gelu":
         # projection_dim of SD2's shipped config (512) is not ViT-H's (1024 = width); the head is not
         # stored in diffusers folders anyway.
