@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 lint: install
 	$(BIN)/ruff check stablekit tests benchmarks
+	$(BIN)/ruff format --check stablekit tests benchmarks
 	$(BIN)/mypy
 
 test: install lint
