@@ -224,6 +224,8 @@ def test_png_carries_a1111_parameters(pair, tmp_path: Path) -> None:  # type: ig
             "dog",
             "--steps",
             "2",
+            "--sampler",
+            "dpmpp_2m_karras",
             "--seed",
             "5",
             "-W",
@@ -247,6 +249,7 @@ def test_png_carries_a1111_parameters(pair, tmp_path: Path) -> None:  # type: ig
         assert fields["Steps"] == "2"
         assert fields["Seed"] == str(5 + i)
         assert fields["Size"] == "64x64"
+        assert fields["Sampler"] == "DPM++ 2M Karras"  # A1111's name, whatever spelling was asked for
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,11 @@ class SamplerInfo:
     # The diffusers class default, used when the schedule leaves timestep_spacing unset.
     default_spacing: Spacing = "linspace"
 
+    @property
+    def display_name(self) -> str:
+        """A1111's spelling (listed first among the aliases): what PNG metadata readers expect."""
+        return self.aliases[0] if self.aliases else self.name
+
 
 SAMPLERS: dict[str, SamplerInfo] = {
     s.name: s

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from stablekit.diffusion import guided, resolve_sampler, sample
+from stablekit.diffusion import SAMPLERS, guided, resolve_sampler, sample
 from stablekit.images import format_parameters, to_pil
 from stablekit.pipelines.core import Pipeline
 
@@ -128,7 +128,7 @@ def txt2img(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
     latent_shape = (cfg.unet.out_channels, r.height // f, r.width // f)
     settings = {
         "Steps": r.steps,
-        "Sampler": r.sampler,
+        "Sampler": SAMPLERS[r.sampler].display_name,
         "CFG scale": r.guidance,
         "Seed": None,
         "Size": f"{r.width}x{r.height}",
