@@ -276,3 +276,36 @@ def test_cli_missing_model_exits_2(tmp_path: Path, capsys) -> None:  # type: ign
     rc = main(["generate", "x", "--model", str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "o.png")])
     assert rc == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_generation_is_finite_and_close(pair, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    _, _, folder = pair
+    params = GenerationParams(PROMPT, width=64, height=64, steps=3, guidance_scale=7.5, seed=11, sampler="ddim")
+    full = generate(Pipeline.from_file(folder, device="cpu", dtype=torch.float32), params)[0]
+    half = generate(Pipeline.from_file(folder, device="cpu", dtype=dtype), params)[0]
+    diff = np.abs(np.asarray(full).astype(int) - np.asarray(half).astype(int))
+    # bf16 keeps 8 mantissa bits to fp16's 11: its images drift further from fp32's.
+    mean_limit = 3 if dtype == torch.float16 else 8
+    assert diff.mean() < mean_limit and diff.max() < 64, (diff.mean(), diff.max())
+
+
+def test_nan_is_an_error_not_a_black_png(pair, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from stablekit.cli import main
+    from stablekit.pipelines import NonFiniteError
+    from stablekit.weights import load_model, save_model
+
+    _, _, folder = pair
+    loaded = load_model(folder)
+    with torch.no_grad():
+        loaded.model.model.diffusion_model.out[2].bias.fill_(float("nan"))
+    broken = tmp_path / "broken.safetensors"
+    save_model(loaded, None, broken)
+    params = GenerationParams(PROMPT, width=64, height=64, steps=2, seed=1, sampler="ddim")
+    with pytest.raises(NonFiniteError, match="NaN"):
+        generate(Pipeline.from_file(broken, device="cpu", dtype=torch.float32), params)
+    out = tmp_path / "black.png"
+    args = ["generate", "x", "--model", str(broken), "--steps", "2", "-W", "64", "-H", "64", "-o", str(out)]
+    assert main(args) == 1
+    assert "NaN" in capsys.readouterr().err
+    assert not out.exists()

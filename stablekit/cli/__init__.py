@@ -34,6 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # ValueError covers our loaders' and validators' errors (WeightsError and friends subclass it).
         print(f"stablekit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # NonFiniteError and friends: the run failed for a reason the message explains; no traceback.
+        if type(e).__module__.startswith("stablekit"):
+            print(f"stablekit {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("stablekit: interrupted", file=sys.stderr)
         return 130
