@@ -65,18 +65,30 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
-def measure(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
-    """(first-call seconds, median of the following calls, peak RSS MiB over all calls)."""
+Timing = tuple[float, float, float]  # first call s, median of later calls s, peak RSS increase MiB
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     with PeakRSS() as mem, torch.inference_mode():
         t0 = time.perf_counter()
         fn()
-        first = time.perf_counter() - t0
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return first, statistics.median(times) if times else first, mem.mib
+        elapsed = time.perf_counter() - t0
+    return elapsed, mem.mib
+
+
+def measure_pair(ours: Callable[[], object], ref: Callable[[], object], repeats: int) -> tuple[Timing, Timing]:
+    """Alternate ours and the reference call by call, so load from anything else on the machine falls on both
+    sides alike; report each side's first call, the median of the rest and the largest peak."""
+    runs: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+    for _ in range(repeats + 1):
+        runs[0].append(_timed(ours))
+        runs[1].append(_timed(ref))
+
+    def summary(r: list[tuple[float, float]]) -> Timing:
+        later = [t for t, _ in r[1:]] or [r[0][0]]
+        return r[0][0], statistics.median(later), max(m for _, m in r)
+
+    return summary(runs[0]), summary(runs[1])
 
 
 def flops(fn: Callable[[], object]) -> int:
@@ -147,7 +159,7 @@ def main() -> None:
             return unet(x, t, encoder_hidden_states=ctx).sample
 
         g = flops(ours_step) / 1e9
-        row(f"UNet step {size}px, batch 2 (CFG)", measure(ours_step, args.repeats), measure(ref_step, args.repeats), g)
+        row(f"UNet step {size}px, batch 2 (CFG)", *measure_pair(ours_step, ref_step, args.repeats), g)
     z = torch.randn(1, 4, 64, 64)
 
     def ours_dec() -> object:
@@ -157,7 +169,7 @@ def main() -> None:
         return vae.decode(z).sample
 
     g = flops(ours_dec) / 1e9
-    row("VAE decode 512px, batch 1", measure(ours_dec, args.repeats), measure(ref_dec, args.repeats), g)
+    row("VAE decode 512px, batch 1", *measure_pair(ours_dec, ref_dec, args.repeats), g)
     if not args.skip_gen:
         bench_generation(ours, cfg, unet, vae, text, args.repeats)
 
@@ -210,7 +222,7 @@ def bench_generation(ours: LatentDiffusion, cfg: ModelConfig, unet, vae, text, r
         ).images
 
     reps = max(1, repeats - 2)
-    row("txt2img 256px, 20 DDIM steps", measure(ours_gen, reps), measure(ref_gen, reps), None)
+    row("txt2img 256px, 20 DDIM steps", *measure_pair(ours_gen, ref_gen, reps), None)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from stablekit.config import ModelConfig
 from stablekit.images import read_parameters
@@ -309,3 +310,16 @@ def test_nan_is_an_error_not_a_black_png(pair, tmp_path: Path, capsys) -> None: 
     assert main(args) == 1
     assert "NaN" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cli_sampler_overrides(pair, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from stablekit.cli import main
+
+    _, _, folder = pair
+    base = ["generate", "x", "--model", str(folder), "-W", "64", "-H", "64", "--steps", "3", "--seed", "2"]
+    assert main([*base, "--sampler", "ddim", "-o", str(tmp_path / "a.png")]) == 0
+    assert main([*base, "--sampler", "ddim", "--eta", "1", "-o", str(tmp_path / "b.png")]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("a.png", "b.png"))
+    assert np.abs(a - b).mean() > 1  # eta=1 draws fresh noise each step: a different image
+    assert main([*base, "--sampler", "pndm", "--eta", "0.5", "-o", str(tmp_path / "c.png")]) == 2
+    assert "no option 'eta'" in capsys.readouterr().err

@@ -26,6 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-count", type=int, default=1, help="number of batches")
     p.add_argument("--sampler", help="sampler name, A1111 or diffusers style (see `stablekit samplers`)")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
+    # Each overrides one setting the sampler otherwise takes from the model's own scheduler config.
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="timestep spacing")
+    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (sigma-space samplers)")
+    p.add_argument("--zero-snr", action="store_true", default=None, help="rescale betas to zero terminal SNR")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--attention-slicing", action="store_true", help="compute attention in slices to save memory")
@@ -60,6 +65,16 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         batch_count=args.batch_count,
         sampler=args.sampler,
+        sampler_options={
+            k: v
+            for k, v in (
+                ("eta", args.eta),
+                ("timestep_spacing", args.spacing),
+                ("karras", args.karras),
+                ("rescale_betas_zero_snr", args.zero_snr),
+            )
+            if v is not None
+        },
     )
     paths = output_paths(args.output, args.batch_size * args.batch_count)
     pipe = Pipeline.from_file(
