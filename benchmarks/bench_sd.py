@@ -65,6 +65,7 @@ class PeakRSS:
         return (self.peak - self.base) / 2**20
 
 
+REF_FIRST = False  # set by --ref-first
 Timing = tuple[float, float, float]  # first call s, median of later calls s, peak RSS increase MiB
 
 
@@ -77,12 +78,16 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
 
 
 def measure_pair(ours: Callable[[], object], ref: Callable[[], object], repeats: int) -> tuple[Timing, Timing]:
-    """Alternate ours and the reference call by call, so load from anything else on the machine falls on both
-    sides alike; report each side's first call, the median of the rest and the largest peak."""
+    """Alternate ours and the reference call by call (ABBA: who goes first swaps each round), so load from
+    anything else on the machine falls on both sides alike. oneDNN caches conv kernels by shape, so the first
+    call of whichever side runs second skips kernel creation: ``--ref-first`` makes diffusers pay that cost.
+    Report each side's first call, the median of the rest and the largest peak."""
     runs: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
-    for _ in range(repeats + 1):
-        runs[0].append(_timed(ours))
-        runs[1].append(_timed(ref))
+    fns = (ours, ref)
+    for r in range(repeats + 1):
+        order = (0, 1) if (r % 2 == 0) != REF_FIRST else (1, 0)
+        for side in order:
+            runs[side].append(_timed(fns[side]))
 
     def summary(r: list[tuple[float, float]]) -> Timing:
         later = [t for t, _ in r[1:]] or [r[0][0]]
@@ -137,13 +142,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--skip-gen", action="store_true")
+    ap.add_argument("--ref-first", action="store_true", help="diffusers runs first in round 0")
     args = ap.parse_args()
+    global REF_FIRST
+    REF_FIRST = args.ref_first
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = PRESETS[args.family]
     if cfg.conditioning != "txt2img":
         cfg = replace(cfg, unet=replace(cfg.unet, in_channels=4))
-    print(f"torch {torch.__version__}, {args.threads} threads, family {cfg.name}, fp32, ours / diffusers")
+    first = "diffusers" if args.ref_first else "ours"
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, family {cfg.name}, fp32, ours / diffusers "
+        f"({first} runs first in round 0)"
+    )
     ours = LatentDiffusion(cfg).eval()
     unet, vae, text = diffusers_models(ours, cfg, max(args.sizes))
     our_unet = ours.model.diffusion_model
