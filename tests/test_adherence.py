@@ -55,3 +55,10 @@ def test_blank_image_fails_everything_but_background() -> None:
     blank = Image.new("RGB", (64, 64), (35, 70, 215))
     result = score(blank, "a red circle on a blue background")
     assert result["background"] and not result["color"] and not result["shape"]
+
+
+def test_stray_specks_do_not_move_the_shape() -> None:
+    asked = Attributes("triangle", "yellow", "purple", "small", "bottom left")
+    image = render(asked)
+    image.paste((245, 245, 245), (58, 2, 61, 5))  # a 3x3 white speck, top right
+    assert all(score(image, asked).values())

@@ -1,24 +1,36 @@
-"""Training data sources, LAION-style filters and robustness to broken images."""
+"""Training data sources, the LAION-style filters, preprocessing, and robustness to broken images."""
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from stablekit.images import from_pil
 from stablekit.train.data import collate, open_dataset, resize_crop
+from stablekit.train.demo_data import write_demo_dataset
 from stablekit.train.filters import Filters
 
 
-def _png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
+def _png(color: tuple[int, ...], size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
+    Image.new(mode, size, color).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _counts(**nonzero: int) -> dict[str, int]:
+    """A report with every key of the FILTERS run below at zero unless given."""
+    keys = ["kept", "unreadable", "no_caption", "unreadable_at_load"]
+    keys += [k for f in ("min_size", "min_aesthetic", "max_punsafe", "max_watermark") for k in (f, f"{f}_missing")]
+    return {k: nonzero.get(k, 0) for k in keys}
 
 
 def test_folder_skips_and_counts_broken_and_uncaptioned(tmp_path: Path) -> None:
@@ -32,11 +44,12 @@ def test_folder_skips_and_counts_broken_and_uncaptioned(tmp_path: Path) -> None:
     (tmp_path / "nocap.png").write_bytes(_png((0, 255, 0)))
     ds = open_dataset(tmp_path, size=16)
     assert len(ds) == 2
-    assert ds.report() == {"kept": 2, "unreadable": 1, "no caption": 1}
+    assert ds.report() == {"kept": 2, "unreadable": 1, "no_caption": 1, "unreadable_at_load": 0}
     images, captions = collate([ds[0], ds[1]])
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
     assert captions == ["a red thing", "a blue thing"]
-    assert torch.allclose(images[0, 0], torch.ones(16, 16)) and torch.allclose(images[0, 2], -torch.ones(16, 16))
+    assert [ds[0].key, ds[1].key] == ["a.png", "sub/b.png"]
+    assert torch.equal(images[0], torch.tensor([1.0, -1.0, -1.0])[:, None, None].expand(3, 16, 16))
 
 
 def test_image_that_breaks_after_opening_is_replaced_and_counted(tmp_path: Path) -> None:
@@ -45,69 +58,38 @@ def test_image_that_breaks_after_opening_is_replaced_and_counted(tmp_path: Path)
         (tmp_path / f"{name}.txt").write_text(name)
     ds = open_dataset(tmp_path, size=8)
     (tmp_path / "a.png").write_bytes(b"gone")  # e.g. a network filesystem hiccup mid-run
-    assert ds[0].caption == "b"
-    assert ds.report()["unreadable at load"] == 1
+    assert ds[0].caption == "b" and ds[0].caption == "b"
+    assert ds.report()["unreadable_at_load"] == 1  # counted once, however often it is asked for
 
 
-def _rows() -> list[dict]:
-    return [
-        {
-            "file": "0.png",
-            "caption": "keep",
-            "WIDTH": 1024,
-            "HEIGHT": 768,
-            "AESTHETIC_SCORE": 6.1,
-            "punsafe": 0.01,
-            "pwatermark": 0.1,
-        },
-        {
-            "file": "1.png",
-            "caption": "small",
-            "WIDTH": 300,
-            "HEIGHT": 200,
-            "AESTHETIC_SCORE": 6.5,
-            "punsafe": 0.0,
-            "pwatermark": 0.0,
-        },
-        {
-            "file": "2.png",
-            "caption": "ugly",
-            "WIDTH": 800,
-            "HEIGHT": 800,
-            "AESTHETIC_SCORE": 4.0,
-            "punsafe": 0.0,
-            "pwatermark": 0.0,
-        },
-        {
-            "file": "3.png",
-            "caption": "nsfw",
-            "WIDTH": 800,
-            "HEIGHT": 800,
-            "AESTHETIC_SCORE": 7.0,
-            "punsafe": 0.9,
-            "pwatermark": 0.0,
-        },
-        {
-            "file": "4.png",
-            "caption": "marked",
-            "WIDTH": 800,
-            "HEIGHT": 800,
-            "AESTHETIC_SCORE": 7.0,
-            "punsafe": 0.0,
-            "pwatermark": 0.8,
-        },
-        {"file": "5.png", "caption": "unscored", "WIDTH": 800, "HEIGHT": 800},
-    ]
+def test_demo_dataset_folder_round_trips(tmp_path: Path) -> None:
+    """The trainer's demo path: generator folder -> dataset, pixels and captions unchanged at the native size."""
+    folder = write_demo_dataset(tmp_path, 3, size=32, seed=5)
+    meta = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    ds = open_dataset(folder, size=32)
+    assert len(ds) == 3
+    for ex, row in zip((ds[i] for i in range(3)), meta, strict=True):
+        assert ex.caption == row["caption"]
+        assert torch.equal(ex.image, from_pil(Image.open(folder / row["file"]))[0])
 
 
+ROWS: list[dict[str, Any]] = [
+    {"caption": "keep", "WIDTH": 1024, "HEIGHT": 768, "AESTHETIC_SCORE": 6.1, "punsafe": 0.01, "pwatermark": 0.1},
+    {"caption": "small", "WIDTH": 300, "HEIGHT": 200, "AESTHETIC_SCORE": 6.5, "punsafe": 0.0, "pwatermark": 0.0},
+    {"caption": "ugly", "WIDTH": 800, "HEIGHT": 800, "AESTHETIC_SCORE": 4.0, "punsafe": 0.0, "pwatermark": 0.0},
+    {"caption": "nsfw", "WIDTH": 800, "HEIGHT": 800, "AESTHETIC_SCORE": 7.0, "punsafe": 0.9, "pwatermark": 0.0},
+    {"caption": "marked", "WIDTH": 800, "HEIGHT": 800, "AESTHETIC_SCORE": 7.0, "punsafe": 0.0, "pwatermark": 0.8},
+    {"caption": "unscored", "WIDTH": 800, "HEIGHT": 800},
+]
 FILTERS = Filters(min_size=512, min_aesthetic=5.0, max_punsafe=0.1, max_watermark=0.5)
-EXPECTED = {"kept": 1, "min_size": 1, "min_aesthetic": 1, "max_punsafe": 1, "max_watermark": 1, "missing aesthetic": 1}
+EXPECTED = _counts(kept=1, min_size=1, min_aesthetic=1, max_punsafe=1, max_watermark=1, min_aesthetic_missing=1)
 
 
 def test_jsonl_manifest_with_laion_filters(tmp_path: Path) -> None:
-    rows = _rows()
-    for i, _ in enumerate(rows):
-        (tmp_path / f"{i}.png").write_bytes(_png((i * 40, 0, 0)))
+    (tmp_path / "img").mkdir()
+    for i in range(len(ROWS)):
+        (tmp_path / "img" / f"{i}.png").write_bytes(_png((i * 40, 0, 0)))
+    rows = [{"file": f"img/{i}.png", **r} for i, r in enumerate(ROWS)]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ds = open_dataset(tmp_path / "m.jsonl", size=8, filters=FILTERS)
     assert [ds[i].caption for i in range(len(ds))] == ["keep"]
@@ -118,13 +100,18 @@ def test_jsonl_manifest_with_laion_filters(tmp_path: Path) -> None:
 def test_parquet_manifest_with_inline_bytes(tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    rows = _rows()
-    for i, r in enumerate(rows):
-        r["image"] = {"bytes": _png((0, i * 40, 0)), "path": None}
-        del r["file"]
+    rows = [{"image": {"bytes": _png((0, i * 40, 0)), "path": None}, **r} for i, r in enumerate(ROWS)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     ds = open_dataset(tmp_path / "m.parquet", size=8, filters=FILTERS)
     assert ds.report() == EXPECTED and ds[0].caption == "keep"
+    assert torch.equal(ds[0].image, torch.full((3, 8, 8), -1.0))
+
+
+def test_parquet_without_pyarrow_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "m.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # makes the import raise ImportError
+    with pytest.raises(ValueError, match=r"stablekit\[train\]"):
+        open_dataset(tmp_path / "m.parquet", size=8)
 
 
 def _shard(path: Path, items: list[tuple[str, bytes | None, str]]) -> None:
@@ -138,22 +125,98 @@ def _shard(path: Path, items: list[tuple[str, bytes | None, str]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_webdataset_shards_by_pattern_and_folder(tmp_path: Path) -> None:
+def test_webdataset_shards_by_pattern_folder_and_file(tmp_path: Path) -> None:
     _shard(tmp_path / "s-000.tar", [("a", _png((1, 2, 3)), "first"), ("b", b"junk", "broken")])
-    _shard(tmp_path / "s-001.tar", [("c", _png((4, 5, 6)), "second"), ("d", None, "no image")])
-    by_pattern = open_dataset(str(tmp_path / "s-{000..001}.tar"), size=8)
+    _shard(tmp_path / "s-001.tar", [("dir/c", _png((255, 5, 6)), "second"), ("d", None, "no image")])
+    by_pattern = open_dataset(str(tmp_path / "s-{000..001}.tar"), size=8, filters=Filters(max_punsafe=0.5))
     assert [by_pattern[i].caption for i in range(len(by_pattern))] == ["first", "second"]
-    assert by_pattern.report() == {"kept": 2, "unreadable": 2}
-    by_folder = open_dataset(tmp_path, size=8)
-    assert len(by_folder) == 2
+    assert [by_pattern[i].key for i in range(len(by_pattern))] == ["s-000.tar/a", "s-001.tar/dir/c"]
+    assert by_pattern.report() == {
+        "kept": 2,
+        "unreadable": 2,
+        "no_caption": 0,
+        "max_punsafe": 0,
+        "max_punsafe_missing": 0,
+        "unreadable_at_load": 0,
+    }
+    assert by_pattern[1].image[0, 0, 0] == 1.0  # the red channel of (255, 5, 6), read from the right offset
+    assert len(open_dataset(tmp_path, size=8)) == 2
+    assert len(open_dataset(tmp_path / "s-001.tar", size=8)) == 1
+
+
+@pytest.mark.parametrize("cut", [0, 100, 600])
+def test_truncated_shard_keeps_what_came_before(tmp_path: Path, cut: int) -> None:
+    """Cut inside b's image header, inside its data, or after its header followed by garbage."""
+    items = [("a", _png((1, 2, 3)), "first"), ("b", _png((4, 5, 6)), "second")]
+    _shard(tmp_path / "s.tar", items)
+    data = (tmp_path / "s.tar").read_bytes()
+    a_end = 3 * 1024  # three members of one header block and one data block each
+    assert data[a_end + 257 : a_end + 262] == b"ustar"  # b.png's header starts there
+    (tmp_path / "s.tar").write_bytes(data[: a_end + cut] + (b"\x01" * 600 if cut == 600 else b""))
+    ds = open_dataset(tmp_path / "s.tar", size=8)
+    assert [ds[i].caption for i in range(len(ds))] == ["first"]
+    assert ds.report()["broken_shards"] == 1
 
 
 def test_resize_then_centre_crop() -> None:
     image = Image.new("RGB", (80, 20), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 10, 20))  # a white strip far left, well outside the centre square
-    out = resize_crop(image, 10)
-    assert out.size == (10, 10)
-    assert max(out.getdata()) == (0, 0, 0)
+    image.paste((255, 0, 0), (38, 0, 42, 20))  # a red bar in the middle: it must survive the crop, centred
+    out = np.asarray(resize_crop(image, 10))
+    assert out.shape == (10, 10, 3)
+    assert out[..., 2].max() == 0  # no white leaked in
+    assert out[:, 4:6, 0].min() > 100 and out[:, 0, 0].max() == 0 and out[:, -1, 0].max() == 0
+
+
+def test_downscaling_is_antialiased() -> None:
+    """A 1-pixel checkerboard shrunk 4x must come out flat grey; point sampling would keep one colour."""
+    board = (np.indices((64, 64)).sum(0) % 2 * 255).astype(np.uint8)
+    out = np.asarray(resize_crop(Image.fromarray(board).convert("RGB"), 16)).astype(np.float32)
+    assert abs(out.mean() - 127.5) < 2 and out.std() < 2
+
+
+def test_transparent_pixels_become_white(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png((0, 0, 0, 0), (8, 8), mode="RGBA"))
+    (tmp_path / "a.txt").write_text("nothing")
+    assert torch.equal(open_dataset(tmp_path, size=8)[0].image, torch.ones(3, 8, 8))
+
+
+def test_filter_thresholds_follow_the_cards() -> None:
+    f = Filters(min_size=512, min_aesthetic=5.0, max_punsafe=0.1, max_watermark=0.5)
+    base = {"width": 512, "height": 512, "aesthetic": 5.0, "punsafe": 0.0999, "pwatermark": 0.4999}
+    assert f.reject(base) is None  # minimums inclusive ("original size >= 512x512")
+    assert f.reject({**base, "pwatermark": 0.5}) == "max_watermark"  # "watermark probability < 0.5"
+    assert f.reject({**base, "punsafe": 0.1}) == "max_punsafe"
+    assert f.reject({**base, "height": 511}) == "min_size"
+    # LAION's original size wins over the resized one img2dataset also stores.
+    assert f.reject({**base, "original_width": 300, "original_height": 900}) == "min_size"
+    assert f.reject({**base, "aesthetic": float("nan")}) == "min_aesthetic_missing"
+    assert f.reject({**base, "punsafe": None}) == "max_punsafe_missing"
+    assert Filters().reject({}) is None
+
+
+def test_filters_apply_counts_each_drop_once() -> None:
+    everything_wrong = {"caption": "bad", "WIDTH": 10, "HEIGHT": 10, "AESTHETIC_SCORE": 1.0, "punsafe": 1.0}
+    kept, counts = FILTERS.apply([*ROWS, everything_wrong])
+    assert [r["caption"] for r in kept] == ["keep"]
+    assert counts == {
+        "min_size": 2,  # everything_wrong counts under the first filter it fails only
+        "min_size_missing": 0,
+        "min_aesthetic": 1,
+        "min_aesthetic_missing": 1,
+        "max_punsafe": 1,
+        "max_punsafe_missing": 0,
+        "max_watermark": 1,
+        "max_watermark_missing": 0,
+    }
+
+
+def test_folder_min_size_uses_the_files_own_size(tmp_path: Path) -> None:
+    for name, wh in (("big", (64, 48)), ("tiny", (16, 16))):
+        (tmp_path / f"{name}.png").write_bytes(_png((9, 9, 9), wh))
+        (tmp_path / f"{name}.txt").write_text(name)
+    ds = open_dataset(tmp_path, size=8, filters=Filters(min_size=32))
+    assert [ds[i].caption for i in range(len(ds))] == ["big"] and ds.report()["min_size"] == 1
 
 
 @pytest.mark.parametrize("bad", ["missing-folder", "data.csv"])

@@ -21,6 +21,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     b = write_demo_dataset(tmp_path / "b", 12, seed=3)
     c = write_demo_dataset(tmp_path / "c", 12, seed=4)
     assert _digest(a) == _digest(b) != _digest(c)
+    assert make_example(9)[0].tobytes() == make_example(random.Random(9))[0].tobytes()
     assert len(list(a.glob("*.png"))) == len(list(a.glob("*.txt"))) == 12
     assert (a / "metadata.jsonl").read_text().count("\n") == 12
 

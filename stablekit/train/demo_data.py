@@ -109,7 +109,10 @@ def render(attrs: Attributes, size: int = 64, *, jitter: tuple[float, float] = (
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def make_example(rng: random.Random, size: int = 64) -> tuple[Image.Image, str, Attributes]:
+def make_example(rng: random.Random | int, size: int = 64) -> tuple[Image.Image, str, Attributes]:
+    """One (image, caption, attributes); an int seeds a fresh generator, so ``make_example(7)`` is reproducible."""
+    if isinstance(rng, int):
+        rng = random.Random(rng)
     attrs, caption = random_attributes(rng)
     # A little positional jitter so the model learns regions, not nine exact pixels.
     jitter = (rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04))

@@ -1,78 +1,99 @@
-"""LAION-style metadata filters, as the model cards describe the training subsets.
+"""The LAION-style data filters of the Stable Diffusion model cards, read from metadata columns.
 
-Each filter reads one metadata column (under any of the spellings LAION's parquet files and img2dataset use)
-and drops the rows that fail it. A row lacking a column that an active filter needs is dropped too, and
-counted separately, because silently keeping unscored images would undo the filter.
+The cards train on subsets chosen by original resolution (">= 512x512"), LAION's aesthetic predictor
+("aesthetics score > 5.0", ">= 4.5"), its NSFW detector ("punsafe=0.1") and its watermark detector
+("estimated watermark probability < 0.5"). So a minimum keeps values at or above it, and a maximum on a
+probability keeps values strictly below it: ``max_watermark=0.5`` is the card's "< 0.5".
+
+Column names are the ones LAION's parquet files and img2dataset's per-sample JSON ship; the first present wins.
+A row without a column an active filter needs is dropped and counted under ``"<filter>_missing"``, because
+keeping it would let unscored images through the filter meant to screen them.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "width": ("width", "WIDTH", "original_width"),
-    "height": ("height", "HEIGHT", "original_height"),
-    "aesthetic": ("aesthetic", "AESTHETIC_SCORE", "aesthetic_score"),
-    "punsafe": ("punsafe", "PUNSAFE"),
-    "watermark": ("pwatermark", "PWATERMARK", "watermark"),
-}
+# img2dataset stores the resized size as width/height and the source's as original_*: the cards filter on the latter.
+WIDTH_COLUMNS = ("original_width", "WIDTH", "width")
+HEIGHT_COLUMNS = ("original_height", "HEIGHT", "height")
+AESTHETIC_COLUMNS = ("aesthetic", "AESTHETIC_SCORE", "aesthetic_score")
+PUNSAFE_COLUMNS = ("punsafe",)
+WATERMARK_COLUMNS = ("pwatermark",)
+
+Row = TypeVar("Row", bound=Mapping[str, Any])
 
 
-def column(meta: Mapping[str, Any], name: str) -> float | None:
-    for key in COLUMNS[name]:
-        value = meta.get(key)
-        if value is not None:
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return None
+def _number(row: Mapping[str, Any], names: tuple[str, ...]) -> float | None:
+    """The first of ``names`` present with a finite numeric value, else None (absent, null, NaN or not a number)."""
+    for name in names:
+        value = row.get(name)
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(x):
+            return x
     return None
 
 
 @dataclass(frozen=True)
 class Filters:
-    min_size: int | None = None  # shorter side in pixels
-    min_aesthetic: float | None = None  # e.g. 5.0 for the v1 "aesthetics" subsets
-    max_punsafe: float | None = None  # e.g. 0.1 for SD 2's training data
-    max_watermark: float | None = None  # e.g. 0.5
+    """Which rows to keep; a ``None`` field is a filter that is off."""
 
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in (self.min_size, self.min_aesthetic, self.max_punsafe, self.max_watermark))
+    min_size: int | None = None  # both original sides at least this many pixels
+    min_aesthetic: float | None = None
+    max_punsafe: float | None = None
+    max_watermark: float | None = None
 
-    def reason(self, meta: Mapping[str, Any]) -> str | None:
-        """Why this row is dropped, or None to keep it."""
+    def active(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def reject(self, row: Mapping[str, Any]) -> str | None:
+        """Why ``row`` is dropped (a key of the counts), or None to keep it. Filters are tried in field order,
+        so a row failing several is counted once, under the first."""
         if self.min_size is not None:
-            w, h = column(meta, "width"), column(meta, "height")
+            w, h = _number(row, WIDTH_COLUMNS), _number(row, HEIGHT_COLUMNS)
             if w is None or h is None:
-                return "missing width/height"
+                return "min_size_missing"
             if min(w, h) < self.min_size:
                 return "min_size"
-        for name, limit, keep in (
-            ("aesthetic", self.min_aesthetic, lambda v, lim: v >= lim),
-            ("punsafe", self.max_punsafe, lambda v, lim: v <= lim),
-            ("watermark", self.max_watermark, lambda v, lim: v <= lim),
+        if self.min_aesthetic is not None:
+            a = _number(row, AESTHETIC_COLUMNS)
+            if a is None:
+                return "min_aesthetic_missing"
+            if a < self.min_aesthetic:
+                return "min_aesthetic"
+        for name, limit, columns in (
+            ("max_punsafe", self.max_punsafe, PUNSAFE_COLUMNS),
+            ("max_watermark", self.max_watermark, WATERMARK_COLUMNS),
         ):
             if limit is None:
                 continue
-            value = column(meta, name)
-            if value is None:
-                return f"missing {name}"
-            if not keep(value, limit):
-                return {"aesthetic": "min_aesthetic", "punsafe": "max_punsafe", "watermark": "max_watermark"}[name]
+            p = _number(row, columns)
+            if p is None:
+                return f"{name}_missing"
+            if p >= limit:
+                return name
         return None
 
-    def apply(self, rows: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], Counter[str]]:
-        """(kept rows, dropped count per reason)."""
-        kept: list[Mapping[str, Any]] = []
-        dropped: Counter[str] = Counter()
+    def empty_counts(self) -> dict[str, int]:
+        """Every count ``reject`` can produce, at zero, so a report lists the filters that dropped nothing."""
+        return {key: 0 for name in self.active() for key in (name, f"{name}_missing")}
+
+    def apply(self, rows: Iterable[Row]) -> tuple[list[Row], dict[str, int]]:
+        """The rows kept, in order, and how many each filter dropped."""
+        kept: list[Row] = []
+        counts = self.empty_counts()
         for row in rows:
-            why = self.reason(row)
-            if why is None:
+            reason = self.reject(row)
+            if reason is None:
                 kept.append(row)
             else:
-                dropped[why] += 1
-        return kept, dropped
+                counts[reason] += 1
+        return kept, counts

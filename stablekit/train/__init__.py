@@ -1,0 +1,1 @@
+"""Training: the latent-diffusion trainer and its earlier stages, data sources and filters, demo data."""
