@@ -182,6 +182,28 @@ X4_UPSCALER = ModelConfig(
     low_res_schedule=ScheduleConfig(beta_start=0.0001, beta_end=0.02),
 )
 
+# The embedded demo model (trained by ``stablekit train demo`` on generated shapes, 64x64): SD1's code paths
+# at small widths, ~9.5M parameters (< 20 MB in fp16), most of them the text tower's 49408-token embedding.
+# GroupNorm keeps 4 channels per group at the narrowest level, as SD's 128/32 does: with one channel per group
+# every norm would erase a flat colour (a constant channel normalises to zero), and the demo images are flat.
+DEMO = ModelConfig(
+    name="demo",
+    unet=UNetConfig(
+        model_channels=64,
+        channel_mult=(1, 1, 2),
+        num_res_blocks=1,
+        attention_levels=(0, 1, 2),
+        num_heads=4,
+        context_dim=64,
+        norm_groups=16,
+    ),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
+    text=TextConfig(width=64, layers=3, heads=4, layers_used=3, embed_dim=64),
+    default_size=64,
+    default_sampler="dpmpp_2m",
+    default_steps=20,
+)
+
 PRESETS: dict[str, ModelConfig] = {
-    c.name: c for c in (SD1, SD1_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SD2_DEPTH, X4_UPSCALER)
+    c.name: c for c in (SD1, SD1_INPAINT, SD2_BASE, SD2_V, SD2_INPAINT, SD2_DEPTH, X4_UPSCALER, DEMO)
 }

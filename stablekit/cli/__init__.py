@@ -11,7 +11,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("generate", "info", "convert", "samplers")
+COMMANDS = ("generate", "info", "convert", "samplers", "train")
 
 
 class UserError(Exception):

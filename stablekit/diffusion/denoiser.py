@@ -54,3 +54,16 @@ class Denoiser:
         if self.prediction == "eps":
             return x - sigma * out
         return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+
+
+def training_target(x0: Tensor, noise: Tensor, alpha: Tensor, sigma: Tensor, prediction: Prediction) -> Tensor:
+    """What the UNet is trained to output at x = α·x₀ + σ·ε: ε itself, or v = α·ε - σ·x₀.
+
+    The inverse of :meth:`Denoiser.split`: split(target, x, α, σ) gives back (x₀, ε). ``alpha`` and ``sigma``
+    broadcast against x₀ (e.g. (B, 1, 1, 1)).
+    """
+    if prediction == "eps":
+        return noise
+    if prediction == "v":
+        return alpha * noise - sigma * x0
+    raise ValueError(f"unknown prediction type {prediction!r}; expected 'eps' or 'v'")

@@ -1,0 +1,137 @@
+"""``stablekit train``: train CLIP, the autoencoder or the UNet on image/caption pairs, or reproduce the demo.
+
+Stages run in order for a model from scratch: ``clip`` (the text encoder, contrastively), ``vae`` (the
+autoencoder), then ``unet`` with ``--vae`` and ``--text`` pointing at their exports; or ``unet --model FILE``
+fine-tunes a released checkpoint's UNet. Launch with ``torchrun --nproc_per_node N -m stablekit train ...``
+for several processes. An interrupted run continues with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stablekit.cli import UserError
+from stablekit.config import PRESETS
+
+if TYPE_CHECKING:
+    from stablekit.train.trainer import TrainConfig
+
+_TRAIN_FLAGS = {  # TrainConfig field -> (type, help)
+    "steps": (int, "optimizer steps"),
+    "batch_size": (int, "examples per micro-batch, over all processes"),
+    "grad_accum": (int, "micro-batches per optimizer step"),
+    "lr": (float, "learning rate after warm-up"),
+    "warmup": (int, "linear warm-up steps (SD cards: 10000)"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "ema_decay": (float, "EMA decay of the exported weights"),
+    "precision": (str, "auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16"),
+    "seed": (int, "seed of the initial weights, the data order and the noise"),
+    "log_every": (int, "steps per JSONL log line"),
+    "checkpoint_every": (int, "steps per checkpoint"),
+    "keep_checkpoints": (int, "checkpoints kept on disk"),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train CLIP, the autoencoder or the UNet; reproduce the demo model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("stage", choices=("clip", "vae", "unet", "demo"))
+    p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, the exported model")
+    p.add_argument("--data", help="image folder (+ .txt captions), .jsonl/.parquet manifest or webdataset shards")
+    p.add_argument("--config-preset", default="demo", choices=sorted(PRESETS), help="architecture (default: demo)")
+    p.add_argument("--size", type=int, help="training image size (default: the preset's)")
+    for name, (kind, text) in _TRAIN_FLAGS.items():
+        choices = ("auto", "fp32", "bf16", "fp16") if name == "precision" else None
+        p.add_argument("--" + name.replace("_", "-"), type=kind, choices=choices, help=text)
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="unet: share of empty captions (for CFG)")
+    p.add_argument("--vae", help="unet: the vae stage's vae.safetensors")
+    p.add_argument("--text", help="unet: the clip stage's text.safetensors")
+    p.add_argument("--model", help="unet: a whole model file to fine-tune (instead of --vae/--text)")
+    p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the KL term")
+    p.add_argument("--recon", choices=("l1", "mse"), default="l1", help="vae: reconstruction loss")
+    p.add_argument("--install", help="demo: where to copy the fp16 model (default: the package's demo file)")
+    filters = p.add_argument_group("LAION-style filters (from metadata columns)")
+    filters.add_argument("--min-size", type=int, help="drop images whose shorter side is smaller")
+    filters.add_argument("--min-aesthetic", type=float, help="drop images with a lower aesthetic score")
+    filters.add_argument("--max-punsafe", type=float, help="drop images with a higher punsafe probability")
+    filters.add_argument("--max-watermark", type=float, help="drop images with a higher watermark probability")
+    p.set_defaults(run=run)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from stablekit.train.trainer import TrainConfig
+
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if args.no_progress:
+        given["progress"] = False
+    return TrainConfig(**given)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from stablekit.train.stages import CLIPStage, Stage, UNetStage, VAEStage, assemble
+    from stablekit.train.trainer import Trainer
+
+    if args.stage == "demo":
+        from stablekit.train.recipe import PACKAGED, DemoRecipe, train_demo
+
+        recipe = DemoRecipe() if args.seed is None else replace(DemoRecipe(), seed=args.seed)
+        report = train_demo(args.out, recipe, install=Path(args.install) if args.install else PACKAGED)
+        print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=2))
+        return 0
+
+    from stablekit.train.data import collate, open_dataset
+    from stablekit.train.filters import Filters
+
+    if not args.data:
+        raise UserError("--data is required")
+    cfg = _train_config(args)
+    config = PRESETS[args.config_preset]
+    filters = Filters(
+        min_size=args.min_size,
+        min_aesthetic=args.min_aesthetic,
+        max_punsafe=args.max_punsafe,
+        max_watermark=args.max_watermark,
+    )
+    torch.manual_seed(cfg.seed)
+    stage: Stage
+    if args.stage == "clip":
+        from stablekit.models.clip_image import CLIPConfig, ImageTowerConfig
+
+        size = args.size or config.default_size
+        stage = CLIPStage(config, CLIPConfig(config.text, ImageTowerConfig(image_size=size), config.text.width))
+    elif args.stage == "vae":
+        size = args.size or config.default_size
+        stage = VAEStage(config, kl_weight=args.kl_weight, recon=args.recon)
+    else:
+        if args.model:
+            from stablekit.weights import load_model
+
+            loaded = load_model(args.model)
+            model, config = loaded.model, loaded.config
+        elif args.vae and args.text:
+            model, config = assemble(config, vae=args.vae, text=args.text)
+        else:
+            raise UserError("the unet stage needs --vae and --text (earlier stages' exports), or --model")
+        size = args.size or config.default_size
+        stage = UNetStage(model, config, caption_dropout=args.caption_dropout)
+    data = open_dataset(args.data, size=size, filters=filters)
+    print(f"stablekit train {args.stage}: {len(data)} examples; {json.dumps(data.report())}", file=sys.stderr)
+    summary = Trainer(stage, data, cfg, args.out, collate=collate).fit(resume=args.resume)
+    print(
+        f"{summary.steps} steps ({summary.precision}) in {summary.seconds:.0f} s, final loss {summary.final_loss:.4g}; "
+        f"wrote {', '.join(str(p) for p in summary.exported)}"
+    )
+    return 0

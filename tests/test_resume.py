@@ -1,0 +1,98 @@
+"""Resume: N steps straight equal K steps, a fresh trainer resuming, then N - K steps (bit-exact on CPU); a
+checkpoint write that never finished is never picked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stablekit.train.checkpoint import atomic_save, checkpoint_path, list_checkpoints, newest_checkpoint
+from stablekit.train.trainer import Trainer
+from tests.test_trainer import make_stage, quick, toy_data
+
+# 10 examples at 4 per step: the resume point (epoch 0, index 8) sits just before an epoch boundary.
+N, K = 5, 2
+
+
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    opt = trainer.optimizer.state_dict()["state"]
+    return {
+        **{f"w.{k}": v for k, v in trainer.module.state_dict().items()},
+        **{f"ema.{k}": v for k, v in trainer.ema.shadow.items()},
+        **{f"adam.{i}.{k}": v for i, s in opt.items() for k, v in s.items()},
+    }
+
+
+@pytest.mark.parametrize("kind", ["unet", "clip"])
+def test_resume_continues_exactly(tmp_path: Path, kind: str) -> None:
+    data = toy_data(10)
+    straight = Trainer(make_stage(kind), data, quick(steps=N, checkpoint_every=100, log_every=1), tmp_path / "straight")
+    straight.fit()
+
+    Trainer(make_stage(kind), data, quick(steps=K, checkpoint_every=100, log_every=1), tmp_path / "split").fit()
+    # A fresh stage whose trained weights are scrambled: they must all come from the checkpoint. (The UNet
+    # stage's frozen networks are inputs, loaded from the earlier stages' files in a real run.)
+    stage = make_stage(kind)
+    with torch.no_grad():
+        for p in stage.module.parameters():
+            p.add_(torch.randn_like(p))
+    resumed = Trainer(stage, data, quick(steps=N, checkpoint_every=100, log_every=1), tmp_path / "split")
+    torch.manual_seed(123)  # global random states are restored from the checkpoint too
+    resumed.fit(resume=True)
+    assert resumed.resumed_from == K and resumed.step == N
+    assert (resumed.epoch, resumed.index) == (straight.epoch, straight.index) == (2, 4)
+
+    a, b = _state(straight), _state(resumed)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    assert torch.equal(torch.get_rng_state(), _rng_after(tmp_path / "straight"))
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        for run in ("straight", "split")
+    ]
+    assert len(losses[0]) == N and losses[0] == losses[1]
+
+
+def _rng_after(folder: Path) -> torch.Tensor:
+    found = newest_checkpoint(folder / "checkpoints")
+    assert found is not None
+    return found[1]["rng"]["torch"]
+
+
+def test_an_interrupted_write_is_never_picked(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    good = {"complete": True, "step": 4}
+    atomic_save(good, checkpoint_path(folder, 4))
+    # A writer killed mid-way leaves its temporary file; a torn copy under a final name is also ignored.
+    (folder / ".ckpt-00000006.pt.tmp-4242").write_bytes(b"PK\x03\x04 half a zip")
+    atomic_save({"complete": True, "step": 8}, tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    checkpoint_path(folder, 8).write_bytes(whole[: len(whole) // 2])
+    assert [s for s, _ in list_checkpoints(folder)] == [8, 4]
+    found = newest_checkpoint(folder)
+    assert found is not None and found[0] == checkpoint_path(folder, 4) and found[1] == good
+
+
+def test_a_failed_save_leaves_the_previous_file(tmp_path: Path) -> None:
+    path = checkpoint_path(tmp_path, 1)
+    atomic_save({"complete": True, "step": 1}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
+        atomic_save({"complete": True, "bad": lambda: None}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_resume_with_no_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    trainer = Trainer(make_stage("vae"), toy_data(8), quick(steps=1), tmp_path)
+    assert trainer.resume() is False and trainer.step == 0
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path: Path) -> None:
+    Trainer(make_stage("vae"), toy_data(8), quick(steps=1), tmp_path).fit()
+    with pytest.raises(ValueError, match="earlier run"):
+        Trainer(make_stage("vae"), toy_data(8), quick(steps=1), tmp_path).fit()
