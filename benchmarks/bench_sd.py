@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stablekit.config import PRESETS, ModelConfig
 from stablekit.models.ldm import LatentDiffusion
-from stablekit.weights.convert import from_original
+from stablekit.weights.convert import fit_state_dict, from_original
 from stablekit.weights.tables.text import diffusers_text_config, text_splits, text_table
 from stablekit.weights.tables.unet import diffusers_unet_config, unet_table
 from stablekit.weights.tables.vae import diffusers_vae_config, vae_table
@@ -103,28 +103,22 @@ def flops(fn: Callable[[], object]) -> int:
 
 
 def diffusers_models(ours: LatentDiffusion, cfg: ModelConfig, size: int):  # type: ignore[no-untyped-def]
+    """diffusers/transformers models holding exactly our weights (strict loads through our key tables)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet = UNet2DConditionModel(**diffusers_unet_config(cfg.unet, size // cfg.vae.downsample))
     unet.load_state_dict(from_original(ours.model.diffusion_model.state_dict(), unet_table(cfg.unet)))
     vae = AutoencoderKL(**diffusers_vae_config(cfg.vae))
-    vae_sd = from_original(ours.first_stage_model.state_dict(), vae_table(cfg.vae))
-    want = vae.state_dict()
-    vae.load_state_dict({k: v.reshape(want[k].shape) for k, v in vae_sd.items()})
+    vae.load_state_dict(fit_state_dict(vae, from_original(ours.first_stage_model.state_dict(), vae_table(cfg.vae))))
     text = CLIPTextModel(CLIPTextConfig(**diffusers_text_config(cfg.text)))
-    text_sd = {k: v for k, v in ours.cond_stage_model.state_dict().items()}
-    converted = from_original(
-        text_sd, text_table(cfg.text), text_splits(cfg.text), ignore=[k for k in text_sd if k not in _table_keys(cfg)]
+    encoder = ours.cond_stage_model
+    state = from_original(
+        encoder.state_dict(), text_table(cfg.text), text_splits(cfg.text), ignore=encoder.OPTIONAL_KEYS
     )
-    text.load_state_dict(converted, strict=False)
+    # transformers 5 names the module's keys without the released files' ``text_model.`` prefix.
+    text.load_state_dict(fit_state_dict(text, {k.removeprefix("text_model."): v for k, v in state.items()}))
     return unet.eval(), vae.eval(), text.eval()
-
-
-def _table_keys(cfg: ModelConfig) -> set[str]:
-    table = text_table(cfg.text)
-    splits = text_splits(cfg.text)
-    return set(splits) | {f"{m}.{p}" for m in table for p in ("weight", "bias")}
 
 
 def row(name: str, ours: tuple[float, float, float], ref: tuple[float, float, float], gflop: float | None) -> None:
