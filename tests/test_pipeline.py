@@ -169,6 +169,46 @@ def test_sampler_by_name_matches_diffusers_from_config(pair, sampler: str, sched
     assert diff <= 1e-4 * max(1.0, want.abs().max().item()), diff
 
 
+def test_prompt_list_matches_diffusers(pair) -> None:  # type: ignore[no-untyped-def]
+    """Several prompts in one call: prompt-major order, one negative per prompt, seeds counted across the batch,
+    as diffusers does with ``prompt=[...]`` and ``num_images_per_prompt``."""
+    ours, ref, _ = pair
+    prompts, negatives, per_prompt, seed, steps = ["a red circle", "a blue square"], ["green", ""], 2, 3, 4
+    params = GenerationParams(
+        prompts, negatives, width=64, height=64, steps=steps, guidance_scale=6.0, seed=seed,
+        batch_size=per_prompt, sampler="ddim",
+    )  # fmt: skip
+    events = list(txt2img(ours, params))
+    latents = [e for e in events if isinstance(e, Progress)][-1].latents
+    done = [e for e in events if isinstance(e, Generated)]
+    n = len(prompts) * per_prompt
+    want = ref(
+        prompts,
+        negative_prompt=negatives,
+        height=64,
+        width=64,
+        num_inference_steps=steps,
+        guidance_scale=6.0,
+        num_images_per_prompt=per_prompt,
+        output_type="latent",
+        generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+    ).images
+    assert (latents - want).abs().max().item() <= 1e-4
+    assert done[0].seeds == [3, 4, 5, 6]
+    firsts = [text.split("\n")[0] for text in done[0].parameters]
+    assert firsts == ["a red circle", "a red circle", "a blue square", "a blue square"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative", "message"),
+    [([], "", "no prompt"), (["a", "b"], ["x", "y", "z"], "3 negative prompts for 2 prompts"), ([1], "", "string")],
+)
+def test_bad_prompt_lists_are_clear_errors(pair, prompt, negative, message: str) -> None:  # type: ignore[no-untyped-def]
+    ours, _, _ = pair
+    with pytest.raises(ValueError, match=message):
+        list(txt2img(ours, GenerationParams(prompt, negative, width=64, height=64, steps=2)))
+
+
 def test_seed_is_independent_of_batch_position(pair) -> None:  # type: ignore[no-untyped-def]
     ours, _, _ = pair
     common = dict(width=64, height=64, steps=3, guidance_scale=5.0, sampler="ddim")

@@ -28,8 +28,9 @@ MAX_SEED = 2**32 - 1
 
 @dataclass(frozen=True)
 class GenerationParams:
-    prompt: str
-    negative_prompt: str = ""
+    # One prompt, or several: each then gets batch_size images (prompt-major, as diffusers orders them).
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] = ""  # one for all prompts, or one per prompt
     width: int | None = None  # None: the family's default size
     height: int | None = None
     steps: int | None = None  # None: the family's default
@@ -76,6 +77,15 @@ class _Resolved:
     guidance: float
     seed: int
     sampler: str
+    prompts: list[str]  # one per image of a batch
+    negatives: list[str]
+
+
+def _prompt_list(value: str | Sequence[str], what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in items):
+        raise ValueError(f"{what} must be a string or a list of strings")
+    return items
 
 
 def _resolve(pipe: Pipeline, p: GenerationParams) -> _Resolved:
@@ -97,7 +107,18 @@ def _resolve(pipe: Pipeline, p: GenerationParams) -> _Resolved:
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
     sampler = resolve_sampler(p.sampler if p.sampler is not None else cfg.default_sampler)
-    return _Resolved(width, height, steps, guidance, seed, sampler)
+    prompts = _prompt_list(p.prompt, "prompt")
+    if not prompts:
+        raise ValueError("no prompt given (an empty list)")
+    negatives = _prompt_list(p.negative_prompt, "negative prompt")
+    if len(negatives) == 1:
+        negatives *= len(prompts)
+    elif len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one per prompt")
+    per_image = [(q, n) for q, n in zip(prompts, negatives, strict=True) for _ in range(p.batch_size)]
+    return _Resolved(
+        width, height, steps, guidance, seed, sampler, [q for q, _ in per_image], [n for _, n in per_image]
+    )
 
 
 def initial_noise(
@@ -115,12 +136,12 @@ def txt2img(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
     cfg = pipe.config
     for note in pipe.notes:
         yield Notice(note)
-    cond, dropped = pipe.encode_prompt([params.prompt] * params.batch_size)
+    cond, dropped = pipe.encode_prompt(r.prompts)
     if dropped:
         yield Notice(f"prompt truncated to {cfg.text.context_length} tokens; dropped: {dropped!r}")
     uncond = None
     if r.guidance > 1:
-        uncond, dropped_neg = pipe.encode_prompt([params.negative_prompt] * params.batch_size)
+        uncond, dropped_neg = pipe.encode_prompt(r.negatives)
         if dropped_neg:
             yield Notice(f"negative prompt truncated; dropped: {dropped_neg!r}")
     model = guided(pipe.unet_fn, cond, uncond, r.guidance)
@@ -135,8 +156,9 @@ def txt2img(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
         "Model": pipe.name,
         "Version": f"stablekit {pipe.version}",
     }
+    per_batch = len(r.prompts)
     for batch in range(params.batch_count):
-        seeds = [r.seed + batch * params.batch_size + i for i in range(params.batch_size)]
+        seeds = [r.seed + batch * per_batch + i for i in range(per_batch)]
         noise, gens = initial_noise(seeds, latent_shape, pipe.dtype)
         noise = noise.to(pipe.device)
         latents = noise
@@ -153,7 +175,10 @@ def txt2img(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
                 latents = step.x
                 yield Progress(batch, step.index + 1, step.total, step.x, step.denoised)
             pixels = pipe.decode(latents)
-        texts = [format_parameters(params.prompt, params.negative_prompt, {**settings, "Seed": s}) for s in seeds]
+        texts = [
+            format_parameters(q, n, {**settings, "Seed": s})
+            for q, n, s in zip(r.prompts, r.negatives, seeds, strict=True)
+        ]
         yield Generated(batch, to_pil(pixels), seeds, texts)
 
 
