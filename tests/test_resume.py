@@ -96,3 +96,19 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path: Path) -> None:
     Trainer(make_stage("vae"), toy_data(8), quick(steps=1), tmp_path).fit()
     with pytest.raises(ValueError, match="earlier run"):
         Trainer(make_stage("vae"), toy_data(8), quick(steps=1), tmp_path).fit()
+
+
+def test_a_finished_run_resumed_reports_its_final_loss_and_total_time(tmp_path: Path) -> None:
+    cfg = quick(steps=2, log_every=1)
+    first = Trainer(make_stage("vae"), toy_data(8), quick(steps=1, log_every=1), tmp_path)
+    first.fit()
+    done = Trainer(make_stage("vae"), toy_data(8), cfg, tmp_path)
+    done_summary = done.fit(resume=True)
+    again = Trainer(make_stage("vae"), toy_data(8), cfg, tmp_path).fit(resume=True)  # nothing left to do
+    assert again.resumed_from == again.steps == 2
+    assert again.final_loss == done_summary.final_loss
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    # The logged clock carries over a resume: the second run's time includes the first run's.
+    assert rows[0]["time"] <= done.seconds_before < rows[0]["time"] + 5  # saved just after the log line
+    assert rows[1]["time"] > rows[0]["time"]

@@ -17,12 +17,11 @@ from typing import Any
 import torch
 
 from stablekit.config import DEMO, ModelConfig
+from stablekit.demo import MODEL as PACKAGED
 from stablekit.models.clip_image import CLIPConfig, ImageTowerConfig
 from stablekit.train.stages import CLIPStage, Stage, UNetStage, VAEStage, assemble
 from stablekit.train.trainer import Summary, TrainConfig, Trainer
 from stablekit.weights import load_model, save_model
-
-PACKAGED = Path(__file__).resolve().parent.parent / "demo" / "demo.safetensors"
 
 
 @dataclass(frozen=True)
@@ -35,11 +34,11 @@ class DemoRecipe:
     )
     image_tower: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     vae: TrainConfig = TrainConfig(
-        steps=2000, batch_size=8, lr=2e-4, warmup=100, ema_decay=0.999, log_every=25, checkpoint_every=200
+        steps=6000, batch_size=8, lr=2e-4, warmup=100, ema_decay=0.999, log_every=25, checkpoint_every=500
     )
     kl_weight: float = 1e-4
     unet: TrainConfig = TrainConfig(
-        steps=2000, batch_size=32, lr=5e-4, warmup=200, ema_decay=0.999, log_every=25, checkpoint_every=200
+        steps=6000, batch_size=32, lr=5e-4, warmup=200, ema_decay=0.999, log_every=25, checkpoint_every=500
     )
     caption_dropout: float = 0.1
 
@@ -65,24 +64,28 @@ def train_demo(
     data = open_dataset(data_dir, size=size)
     report: dict[str, Any] = {"data_seconds": round(time.perf_counter() - t0, 1), "examples": len(data)}
 
-    def stage_report(s: Summary) -> dict[str, Any]:
+    def logged_seconds(log: Path) -> float:
+        rows = log.read_text().splitlines()
+        return float(json.loads(rows[-1])["time"]) if rows else 0.0
+
+    def stage_report(name: str, s: Summary) -> dict[str, Any]:
         return {
             "steps": s.steps,
             "final_loss": s.final_loss,
-            "seconds": round(s.seconds, 1),
+            "seconds": round(logged_seconds(out / name / "log.jsonl"), 1),  # over every resumed run
             "resumed_from": s.resumed_from,
         }
 
     torch.manual_seed(recipe.seed)
     clip = CLIPStage(recipe.config, CLIPConfig(recipe.config.text, recipe.image_tower, recipe.config.text.width))
-    report["clip"] = stage_report(_run(clip, data, recipe.clip, out, collate))
+    report["clip"] = stage_report("clip", _run(clip, data, recipe.clip, out, collate))
     torch.manual_seed(recipe.seed)
     vae = VAEStage(recipe.config, kl_weight=recipe.kl_weight)
-    report["vae"] = stage_report(_run(vae, data, recipe.vae, out, collate))
+    report["vae"] = stage_report("vae", _run(vae, data, recipe.vae, out, collate))
     torch.manual_seed(recipe.seed)
     model, config = assemble(recipe.config, vae=out / "vae" / "vae.safetensors", text=out / "clip" / "text.safetensors")
     unet = UNetStage(model, config, caption_dropout=recipe.caption_dropout)
-    report["unet"] = stage_report(_run(unet, data, recipe.unet, out, collate))
+    report["unet"] = stage_report("unet", _run(unet, data, recipe.unet, out, collate))
 
     final = out / "demo.safetensors"
     save_model(load_model(out / "unet" / "model.safetensors").model, config, final, dtype=torch.float16)

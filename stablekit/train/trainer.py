@@ -179,6 +179,9 @@ class Trainer:
         self.ema = EMA(self.module, cfg.ema_decay)
         self.step, self.epoch, self.index = 0, 0, 0
         self.resumed_from = 0
+        # Training wall time of the runs before this one (from the checkpoint), so logged times add up over resumes.
+        self.seconds_before = 0.0
+        self._started = time.perf_counter()
         self.ckpt_dir = self.out / "checkpoints"
         self.log_path = self.out / "log.jsonl"
 
@@ -196,6 +199,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
             "train_config": asdict(self.cfg),
+            "seconds": self.elapsed(),
         }
 
     def save(self) -> Path:
@@ -219,6 +223,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step, self.epoch, self.index = state["step"], state["data"]["epoch"], state["data"]["index"]
         self.resumed_from = self.step
+        self.seconds_before = float(state.get("seconds", 0.0))
         return True
 
     # --- data ------------------------------------------------------------------------------------------------
@@ -296,7 +301,10 @@ class Trainer:
             desc=self.stage.name,
             dynamic_ncols=True,
         )
-        start, window, last = time.perf_counter(), [], float("nan")
+        start = self._started = time.perf_counter()
+        window: list[float] = []
+        logged = self._read_log() if main else []
+        last = logged[-1]["loss"] if logged else float("nan")  # a run resumed at its end reports where it ended
         while self.step < cfg.steps:
             window.append(self._train_step())
             bar.update(1)
@@ -305,7 +313,7 @@ class Trainer:
                 window = []
                 bar.set_postfix(loss=f"{last:.4g}", lr=f"{lr_at(cfg, self.step - 1):.2e}")
                 if main:
-                    self._log(last, time.perf_counter() - start)
+                    self._log(last)
             if main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save()
                 self._plot()
@@ -343,8 +351,12 @@ class Trainer:
         rows = [r for r in self._read_log() if r["step"] <= self.step]
         self.log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def _log(self, loss: float, seconds: float) -> None:
-        row = {"step": self.step, "loss": loss, "lr": lr_at(self.cfg, self.step - 1), "time": round(seconds, 3)}
+    def elapsed(self) -> float:
+        """Training wall time so far, over this run and every run it resumed."""
+        return self.seconds_before + time.perf_counter() - self._started
+
+    def _log(self, loss: float) -> None:
+        row = {"step": self.step, "loss": loss, "lr": lr_at(self.cfg, self.step - 1), "time": round(self.elapsed(), 3)}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
