@@ -15,7 +15,12 @@ from stablekit.pipelines import DTYPES, Generated, GenerationParams, Notice, Pip
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from a text prompt", description=__doc__)
     p.add_argument("prompt")
-    p.add_argument("--model", "-m", required=True, help="checkpoint file (.safetensors/.ckpt) or diffusers folder")
+    p.add_argument(
+        "--model",
+        "-m",
+        help="checkpoint file (.safetensors/.ckpt) or diffusers folder (default: the built-in demo model, "
+        'which draws prompts like "a red circle on a blue background")',
+    )
     p.add_argument("--negative", "-n", default="", help="negative prompt")
     p.add_argument("--steps", type=int, help="sampling steps (default: the family's)")
     p.add_argument("--guidance", "--cfg", type=float, help="classifier-free guidance scale; on when > 1")
@@ -77,8 +82,12 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     paths = output_paths(args.output, args.batch_size * args.batch_count)
+    if args.model is None:
+        from stablekit.demo import model_path
+
+        print("note: no --model given: using the built-in demo model (coloured shapes only)", file=sys.stderr)
     pipe = Pipeline.from_file(
-        args.model,
+        args.model if args.model is not None else model_path(),
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         prediction=args.prediction,

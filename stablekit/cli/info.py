@@ -46,6 +46,7 @@ def describe(found: Probe) -> list[str]:
         ("path", found.path),
         ("format", found.format),
         ("family", f"{found.family} ({'standard' if found.standard else 'non-standard'} sizes)"),
+        ("config", cfg.name),
         ("prediction", f"{s.prediction} ({found.prediction_source})"),
         (
             "schedule",

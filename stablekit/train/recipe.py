@@ -1,9 +1,8 @@
 """The demo model's recipe: generated shapes, then CLIP, the autoencoder and the UNet, each by the trainer.
 
 ``stablekit train demo --out DIR`` runs it end to end and writes the fp16 model the package ships. Every stage
-resumes from its newest checkpoint, so an interrupted reproduction is continued by running it again. On this
-2-core CPU shared with other work (run with ``OMP_NUM_THREADS=1``): CLIP ~11 min, the autoencoder ~30 min, the
-UNet ~35 min.
+resumes from its newest checkpoint, so an interrupted reproduction is continued by running it again. Measured on
+this 2-core CPU (other work sharing it part of the time): CLIP 11 min, the autoencoder 43 min, the UNet 57 min.
 """
 
 from __future__ import annotations
