@@ -82,12 +82,14 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     paths = output_paths(args.output, args.batch_size * args.batch_count)
-    if args.model is None:
+    model = args.model
+    if model is None:
         from stablekit.demo import model_path
 
+        model = model_path()
         print("note: no --model given: using the built-in demo model (coloured shapes only)", file=sys.stderr)
     pipe = Pipeline.from_file(
-        args.model if args.model is not None else model_path(),
+        model,
         device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None,
         prediction=args.prediction,
