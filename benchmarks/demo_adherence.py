@@ -1,6 +1,7 @@
 """Prompt adherence of the demo model: accuracy per attribute over held-out prompts at several guidance scales.
 
     python benchmarks/demo_adherence.py [--model PATH] [--prompts 240] [--guidance 1 3 7.5] [--json out.json]
+    python benchmarks/demo_adherence.py --checkpoint runs/demo/unet/checkpoints/ckpt-00006000.pt  # mid-training
 
 The prompts come from ``held_out_prompts`` (a seed stream no training run draws from); image ``i`` uses seed
 ``seed + i`` at every guidance scale. The checker is deterministic pixel analysis (``stablekit.train.adherence``),
@@ -38,9 +39,27 @@ def sheet(images: list[Image.Image], labels: list[str], columns: int = 10) -> Im
     return out
 
 
+def from_checkpoint(path: Path) -> Pipeline:
+    """The model a unet-stage checkpoint would export: the run's frozen text tower and autoencoder, EMA UNet."""
+    import torch
+
+    from stablekit.config import DEMO
+    from stablekit.train.stages import assemble
+
+    run = path.parent.parent.parent  # RUN/unet/checkpoints/ckpt-N.pt
+    model, config = assemble(DEMO, vae=run / "vae" / "vae.safetensors", text=run / "clip" / "text.safetensors")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.model.diffusion_model.load_state_dict(state["ema"]["shadow"])
+    return Pipeline(model, config, device="cpu", name=path.stem)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="default: the shipped demo model")
+    ap.add_argument(
+        "--checkpoint",
+        help="a unet-stage training checkpoint (its EMA weights), with the run's clip/ and vae/ exports beside it",
+    )
     ap.add_argument("--prompts", type=int, default=240)
     ap.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 7.5])
     ap.add_argument("--seed", type=int, default=0)
@@ -50,7 +69,7 @@ def main() -> None:
     ap.add_argument("--sheet", help="save a grid of the first 40 images per scale to this PNG prefix")
     args = ap.parse_args()
 
-    pipe = Pipeline.from_file(args.model or model_path(), device="cpu")
+    pipe = from_checkpoint(Path(args.checkpoint)) if args.checkpoint else Pipeline.from_file(args.model or model_path())
     pairs = held_out_prompts(args.prompts)
     prompts = [p for p, _ in pairs]
     cfg = pipe.config
