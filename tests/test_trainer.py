@@ -164,6 +164,23 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path: Path, kind: str
         assert grad < 1e-5 and weight < 5e-6, (grad, weight)
 
 
+def test_grad_clip_caps_the_global_gradient_norm(tmp_path: Path) -> None:
+    """With ε = lr = 1e6 the first AdamW step is lr·g/(|g| + ε) ≈ g, linear in the gradient, so the step's norm
+    is the (clipped) gradient's norm."""
+    norms = {}
+    for clip in (None, 1e-3):
+        stage = make_stage("vae")
+        before = {n: p.detach().clone() for n, p in stage.module.named_parameters()}
+        cfg = quick(steps=1, warmup=0, lr=1e6, adam_eps=1e6, weight_decay=0.0, grad_clip=clip)
+        Trainer(stage, toy_data(4), cfg, tmp_path / str(clip)).fit()
+        after = dict(stage.module.named_parameters())
+        norms[clip] = math.sqrt(sum(((after[n] - b) ** 2).sum().item() for n, b in before.items()))
+    assert norms[None] > 0.05  # the unclipped gradient is far above the cap, so the cap is what binds
+    assert norms[1e-3] == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainConfig(grad_clip=0.0)
+
+
 def test_training_lowers_the_loss_and_writes_logs(tmp_path: Path) -> None:
     stage = make_stage("vae")
     data = toy_data(8)

@@ -29,6 +29,7 @@ _TRAIN_FLAGS = {  # TrainConfig field -> (type, help)
     "warmup": (int, "linear warm-up steps (SD cards: 10000)"),
     "weight_decay": (float, "AdamW weight decay"),
     "ema_decay": (float, "EMA decay of the exported weights"),
+    "grad_clip": (float, "clip the global gradient norm to this (default: no clipping)"),
     "precision": (str, "auto (bf16/fp16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16"),
     "seed": (int, "seed of the initial weights, the data order and the noise"),
     "log_every": (int, "steps per JSONL log line"),

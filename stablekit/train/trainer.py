@@ -68,6 +68,9 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     ema_decay: float = 0.9999
+    # Largest global gradient norm (None: no clipping). Caps the rare outlier step that would knock a run off
+    # a plateau it does not come back to before the EMA has averaged the damage in.
+    grad_clip: float | None = None
     # "auto": bf16 autocast on CUDA where supported, else fp16 with loss scaling; fp32 on CPU (CPU autocast
     # is slower than fp32 on the machines this targets).
     precision: Precision = "auto"
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError("steps, batch_size, grad_accum, log_every and checkpoint_every must be positive")
         if self.warmup < 0 or self.lr <= 0:
             raise ValueError("lr must be positive and warmup non-negative")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive (or None for no clipping), got {self.grad_clip}")
 
 
 @dataclass
@@ -278,6 +283,9 @@ class Trainer:
             for p, g in zip(self.params, flat.split([g.numel() for g in grads]), strict=True):
                 p.grad = g.view_as(p)
             dist.all_reduce(share)
+        if cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not fp16 loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema.update(self.module)
