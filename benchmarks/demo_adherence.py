@@ -6,6 +6,8 @@
 The prompts come from ``held_out_prompts`` (a seed stream no training run draws from); image ``i`` uses seed
 ``seed + i`` at every guidance scale. The checker is deterministic pixel analysis (``stablekit.train.adherence``),
 not a learned model. Prints a Markdown table; ``--sheet`` also saves the first images of each scale as a grid.
+Its first row scores the prompts' clean renders after a trip through the model's autoencoder: no UNet can beat
+that row, so it tells an autoencoder fault from a UNet one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from stablekit.demo import model_path
 from stablekit.pipelines import Pipeline
-from stablekit.train.adherence import ATTRIBUTES, evaluate, generate_images
+from stablekit.train.adherence import ATTRIBUTES, autoencoder_images, evaluate, generate_images
 from stablekit.train.demo_data import held_out_prompts
 
 
@@ -77,13 +79,15 @@ def main() -> None:
         f"model {pipe.name}: {len(prompts)} held-out prompts, sampler {args.sampler or cfg.default_sampler}, "
         f"{args.steps or cfg.default_steps} steps, default guidance {cfg.default_guidance:g}\n"
     )
-    table: dict[str, dict[str, float]] = {}
-    seconds: dict[str, float] = {}
+    attributes = [a for _, a in pairs]
+    t0 = time.perf_counter()
+    table: dict[str, dict[str, float]] = {"autoencoder": evaluate(autoencoder_images(pipe, attributes), attributes)}
+    seconds: dict[str, float] = {"autoencoder": time.perf_counter() - t0}
     for g in args.guidance:
         t0 = time.perf_counter()
         images = generate_images(pipe, prompts, g, seed=args.seed, steps=args.steps, sampler=args.sampler)
         seconds[f"{g:g}"] = time.perf_counter() - t0
-        table[f"{g:g}"] = evaluate(images, [a for _, a in pairs])
+        table[f"{g:g}"] = evaluate(images, attributes)
         if args.sheet:
             sheet(images[:40], prompts[:40]).save(f"{args.sheet}-cfg{g:g}.png")
     columns = [*ATTRIBUTES, "all"]

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from stablekit.train.demo_data import COLORS, POSITIONS, SHAPES, SIZES, Attributes
+from stablekit.train.demo_data import COLORS, POSITIONS, SHAPES, SIZES, Attributes, render
 
 if TYPE_CHECKING:
     from stablekit.pipelines import Pipeline
@@ -191,6 +191,23 @@ def generate_images(
         chunk = list(prompts[start : start + batch])
         params = GenerationParams(chunk, guidance_scale=guidance, seed=seed + start, steps=steps, sampler=sampler)
         images += generate(pipe, params)
+    return images
+
+
+def autoencoder_images(pipe: Pipeline, attributes: Sequence[Attributes], *, batch: int = 50) -> list[Image.Image]:
+    """Each prompt's clean render, encoded and decoded by ``pipe``'s autoencoder: the most adherence any UNet can
+    reach through that autoencoder, so a low row here puts the blame on it rather than on the UNet."""
+    import torch
+
+    from stablekit.images import from_pil, to_pil
+
+    vae, size = pipe.model.first_stage_model, pipe.config.default_size
+    images: list[Image.Image] = []
+    for start in range(0, len(attributes), batch):
+        pixels = torch.cat([from_pil(render(a, size)) for a in attributes[start : start + batch]])  # (B, 3, S, S)
+        with torch.inference_mode():
+            z = vae.encode(pixels.to(pipe.device, pipe.dtype)).mean * pipe.config.vae.scale_factor
+        images += to_pil(pipe.decode(z))
     return images
 
 
