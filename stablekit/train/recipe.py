@@ -2,7 +2,7 @@
 
 ``stablekit train demo --out DIR`` runs it end to end and writes the fp16 model the package ships. Every stage
 resumes from its newest checkpoint, so an interrupted reproduction is continued by running it again. Measured on
-this 2-core CPU (other work sharing it part of the time): CLIP 11 min, the autoencoder 43 min, the UNet 57 min.
+this 2-core CPU: CLIP 2.6 min, the autoencoder 17 min, the UNet 26 min (some of it sharing the CPU).
 """
 
 from __future__ import annotations
@@ -32,12 +32,30 @@ class DemoRecipe:
         steps=1500, batch_size=64, lr=5e-4, warmup=150, ema_decay=0.999, log_every=25, checkpoint_every=250
     )
     image_tower: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    # Adam betas as LDM's autoencoders use, and clipping: without both, a run spiked (loss 0.024 -> 0.37 at step
+    # ~2800) and its EMA decoded purple as blue and green as near-black (colour right on 70% of renders). With
+    # them the same run had no spike. Which of the two matters was not isolated.
     vae: TrainConfig = TrainConfig(
-        steps=6000, batch_size=8, lr=2e-4, warmup=100, ema_decay=0.999, log_every=25, checkpoint_every=500
+        steps=6000,
+        batch_size=8,
+        lr=2e-4,
+        warmup=100,
+        adam_betas=(0.5, 0.9),
+        grad_clip=1.0,
+        ema_decay=0.999,
+        log_every=25,
+        checkpoint_every=500,
     )
     kl_weight: float = 1e-4
     unet: TrainConfig = TrainConfig(
-        steps=6000, batch_size=32, lr=5e-4, warmup=200, ema_decay=0.999, log_every=25, checkpoint_every=500
+        steps=6000,
+        batch_size=32,
+        lr=5e-4,
+        warmup=200,
+        grad_clip=1.0,
+        ema_decay=0.999,
+        log_every=25,
+        checkpoint_every=500,
     )
     caption_dropout: float = 0.1
 
