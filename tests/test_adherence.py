@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import replace
 
@@ -17,6 +18,18 @@ def test_scores_generator_truth_perfectly() -> None:
     examples = [make_example(rng) for _ in range(300)]
     table = evaluate([im for im, _, _ in examples], [cap for _, cap, _ in examples])
     assert table == {k: 1.0 for k in table}
+
+
+def test_scores_unjittered_renders_perfectly() -> None:
+    """Every shape, size and position as the held-out prompts render them (no jitter: a small square's edges fall
+    mid-pixel, which once read it as a circle), in three colour pairs each."""
+    from stablekit.train.demo_data import COLORS, POSITIONS, SHAPES, SIZES
+
+    pairs = [(c, b) for c in COLORS for b in COLORS if c != b]
+    grid = itertools.product(SHAPES, SIZES, POSITIONS, range(3))
+    asked = [Attributes(s, *pairs[(i * 7) % len(pairs)], size, p) for i, (s, size, p, _) in enumerate(grid)]
+    table = evaluate([render(a) for a in asked], asked)
+    assert table == {k: 1.0 for k in table}, table
 
 
 def test_parse_round_trips_captions() -> None:
