@@ -181,6 +181,15 @@ def test_grad_clip_caps_the_global_gradient_norm(tmp_path: Path) -> None:
         TrainConfig(grad_clip=0.0)
 
 
+def test_cli_grad_clip_reaches_the_train_config() -> None:
+    from stablekit.cli import build_parser
+    from stablekit.cli.train import _train_config
+
+    given = build_parser().parse_args(["train", "vae", "--out", "runs/x", "--grad-clip", "0.5"])
+    assert _train_config(given).grad_clip == 0.5
+    assert _train_config(build_parser().parse_args(["train", "vae", "--out", "runs/x"])).grad_clip is None
+
+
 def test_training_lowers_the_loss_and_writes_logs(tmp_path: Path) -> None:
     stage = make_stage("vae")
     data = toy_data(8)
