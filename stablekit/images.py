@@ -1,19 +1,97 @@
-"""Conversion between PIL images and model tensors, and PNG generation metadata.
+"""Image files in and out: reading user images safely, converting them to model tensors, and PNG metadata.
 
 Pixel tensors are in [-1, 1] (the autoencoder's range). The uint8 conversion rounds exactly as diffusers'
 ``numpy_to_pil`` does (``round(x * 255)`` after mapping to [0, 1]), so our PNGs are byte-identical to diffusers'
-for identical decoded tensors.
+for identical decoded tensors. Resizing uses PIL's Lanczos filter, as diffusers' ``VaeImageProcessor`` does.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
+
+# An input larger than this is refused from its header, before a pixel is decoded: a small file that declares a
+# huge canvas (a decompression bomb) must not take the machine's memory. 8192x8192 is far above any SD input.
+MAX_INPUT_PIXELS = 8192 * 8192
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used: missing, not an image, corrupt, or too large."""
+
+
+def load_image(path: str | Path, *, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """Open and fully decode an image file, with its EXIF orientation applied. The mode is left as stored."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{what} {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ImageError(f"{what} {str(path)!r} is not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageError(f"{what} {str(path)!r} is {w}x{h}, over the {max_pixels:,}-pixel limit for inputs")
+                im.load()
+                image = ImageOps.exif_transpose(im)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{what} {str(path)!r} is not a readable image ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError from deep in a decoder.
+        raise ImageError(f"{what} {str(path)!r} is corrupt or truncated ({e})") from e
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"{what} {str(path)!r} is empty ({image.width}x{image.height})")
+    return image
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float greyscale (depth maps, scans) -> "L", scaled by the stored range, not clipped at 255."""
+    if image.mode not in ("I", "I;16", "I;16B", "I;16L", "F"):
+        return image
+    arr = np.asarray(image, dtype=np.float64)
+    lo, hi = float(arr.min()), float(arr.max())
+    scaled = (arr - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(arr)
+    return Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any mode -> RGB. Transparency is composited over ``background`` (white, as A1111 flattens img2img
+    inputs), rather than dropped, which would show whatever colour the transparent pixels happen to hold."""
+    image = _to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_mask(image: Image.Image) -> Image.Image:
+    """A mask in any mode -> "L" (white = repaint). Transparent pixels count as black: keep."""
+    return to_rgb(image, background=(0, 0, 0)).convert("L") if image.mode != "L" else image
+
+
+def resized(image: Image.Image, width: int, height: int) -> Image.Image:
+    """``image`` at (width, height), Lanczos-filtered as diffusers resizes pipeline inputs."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+
+
+def mask_tensor(mask: Image.Image) -> Tensor:
+    """An "L" mask -> (1, 1, H, W) float32 of 0 and 1, binarised at half as diffusers' mask processor does."""
+    arr = np.asarray(mask, dtype=np.float32) / 255.0
+    return torch.from_numpy((arr >= 0.5).astype(np.float32))[None, None]
 
 
 def to_pil(pixels: Tensor) -> list[Image.Image]:
@@ -25,7 +103,7 @@ def to_pil(pixels: Tensor) -> list[Image.Image]:
 
 def from_pil(image: Image.Image) -> Tensor:
     """An image -> (1, 3, H, W) float32 in [-1, 1]."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    arr = np.asarray(to_rgb(image), dtype=np.float32) / 255.0  # (H, W, 3)
     return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2 - 1
 
 

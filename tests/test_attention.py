@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,6 @@ from stablekit.nn.attention import (
     attention_backend,
     get_backend,
     merge_heads,
-    set_backend,
     split_heads,
 )
 from tests.tiny import TINY_SD2, TINY_X4
@@ -132,13 +132,31 @@ def test_sliced_uses_the_slice_size_in_force(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_unknown_backend_and_bad_slice_raise() -> None:
-    with pytest.raises(ValueError):
-        set_backend("xformers-please")  # type: ignore[arg-type]
-    with pytest.raises(ValueError), attention_backend("nope"):  # type: ignore[arg-type]
+    with pytest.raises(ValueError), attention_backend("xformers-please"):  # type: ignore[arg-type]
         pass
-    with pytest.raises(ValueError):
-        set_backend("sliced", slice_size=0)
+    with pytest.raises(ValueError), attention_backend("sliced", slice_size=0):
+        pass
     assert get_backend() == "sdpa"
+
+
+def test_backend_is_per_thread() -> None:
+    # A server runs pipelines with different settings in worker threads: one thread's setting stays its own.
+    seen: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with attention_backend("math"):
+            entered.set()
+            release.wait(5)
+            seen.append(get_backend())
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    entered.wait(5)
+    seen.append(get_backend())  # while the other thread holds "math"
+    release.set()
+    worker.join()
+    assert seen == ["sdpa", "math"]
 
 
 def test_split_and_merge_heads_are_inverse() -> None:

@@ -83,7 +83,7 @@ def test_missing_demo_model_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(stablekit.demo, "MODEL", tmp_path / "demo.safetensors")
-    assert main(["generate", "a red circle on a blue background", "-o", str(tmp_path / "o.png")]) == 2
+    assert main(["generate", "a red circle on a blue background", "-o", str(tmp_path / "o.png")]) == 1
     err = capsys.readouterr().err
     assert "--model" in err and "stablekit train demo" in err
     assert not (tmp_path / "o.png").exists()

@@ -301,21 +301,21 @@ def test_png_carries_a1111_parameters(pair, tmp_path: Path) -> None:  # type: ig
         (["-o", "out.jpg"], ".png"),
     ],
 )
-def test_cli_bad_input_exits_2(pair, tmp_path: Path, capsys, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
+def test_cli_bad_input_exits_1(pair, tmp_path: Path, capsys, args: list[str], message: str) -> None:  # type: ignore[no-untyped-def]
     from stablekit.cli import main
 
     _, _, folder = pair
     rc = main(["generate", "x", "--model", str(folder), "-o", str(tmp_path / "o.png"), *args])
-    assert rc == 2
+    assert rc == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
 
 
-def test_cli_missing_model_exits_2(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_cli_missing_model_exits_1(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     from stablekit.cli import main
 
     rc = main(["generate", "x", "--model", str(tmp_path / "nope.safetensors"), "-o", str(tmp_path / "o.png")])
-    assert rc == 2
+    assert rc == 1
     assert "nope.safetensors" in capsys.readouterr().err
 
 
@@ -361,5 +361,5 @@ def test_cli_sampler_overrides(pair, tmp_path: Path, capsys) -> None:  # type: i
     assert main([*base, "--sampler", "ddim", "--eta", "1", "-o", str(tmp_path / "b.png")]) == 0
     a, b = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("a.png", "b.png"))
     assert np.abs(a - b).mean() > 1  # eta=1 draws fresh noise each step: a different image
-    assert main([*base, "--sampler", "pndm", "--eta", "0.5", "-o", str(tmp_path / "c.png")]) == 2
+    assert main([*base, "--sampler", "pndm", "--eta", "0.5", "-o", str(tmp_path / "c.png")]) == 1
     assert "no option 'eta'" in capsys.readouterr().err

@@ -254,5 +254,5 @@ def test_cli_trains_clip_vae_then_unet(tmp_path: Path, capsys: pytest.CaptureFix
     assert loaded.config.unet == DEMO.unet and loaded.config.text == DEMO.text
     assert "1 steps (float32)" in capsys.readouterr().out
     # A filter that drops every example is a one-line error, not a traceback.
-    assert main([*unet, "--min-size", "1000"]) == 2
+    assert main([*unet, "--min-size", "1000"]) == 1
     assert "no usable examples" in capsys.readouterr().err

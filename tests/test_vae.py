@@ -8,7 +8,8 @@ import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
 from stablekit.config import SD_VAE, X4_UPSCALER, VAEConfig
-from stablekit.models.vae import AutoencoderKL, DiagonalGaussian, _starts, _tiled, _weights
+from stablekit.models.vae import AutoencoderKL, DiagonalGaussian
+from stablekit.nn.tiling import blend_weights, tile_starts, tiled
 from stablekit.weights.convert import fit_state_dict, from_original, to_original
 from stablekit.weights.tables.vae import (
     diffusers_vae_config,
@@ -168,11 +169,11 @@ def test_config_conversion():
 @pytest.mark.parametrize("scale", [1, 4])
 @pytest.mark.parametrize("size,tile,overlap", [(40, 16, 4), (37, 16, 6), (20, 12, 8), (9, 4, 0)])
 def test_tile_weights_partition_unity_and_blend_a_local_op_exactly(scale, size, tile, overlap):
-    starts = _starts(size, tile, overlap)
+    starts = tile_starts(size, tile, overlap)
     assert starts[0] == 0 and starts[-1] + min(size, tile) == size
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))
     total = torch.zeros(size * scale)
-    for s, w in zip(starts, _weights(size, tile, starts, scale), strict=True):
+    for s, w in zip(starts, blend_weights(size, tile, starts, scale), strict=True):
         assert (w > 0).all()
         total[s * scale : s * scale + w.numel()] += w
     assert torch.allclose(total, torch.ones_like(total), atol=1e-6)
@@ -180,11 +181,11 @@ def test_tile_weights_partition_unity_and_blend_a_local_op_exactly(scale, size, 
     # A position-wise op gives the same value from every tile, so blending must reproduce it.
     x = torch.randn(2, 3, size, size + 3)
     up = lambda t: t.repeat_interleave(scale, -1).repeat_interleave(scale, -2) ** 2  # noqa: E731
-    got = _tiled(up, x, x.shape[-2:], tile, overlap, in_scale=1, out_scale=scale)
+    got = tiled(up, x, x.shape[-2:], tile, overlap, in_scale=1, out_scale=scale)
     assert torch.allclose(got, up(x), atol=1e-5)
     pool = lambda t: torch.nn.functional.avg_pool2d(t, scale)  # noqa: E731
     grid = (size // scale, (size + 3) // scale)
-    got = _tiled(pool, x, grid, tile, overlap, in_scale=scale, out_scale=1)
+    got = tiled(pool, x, grid, tile, overlap, in_scale=scale, out_scale=1)
     assert torch.allclose(got, pool(x), atol=1e-5)
 
 
@@ -210,7 +211,7 @@ def test_several_tiles(pair):
     assert got.shape == plain.shape and torch.isfinite(got).all()
     # Columns: tiles at 0, 8, 16 (28 = 16 + 12). Away from the seams each output pixel is exactly that
     # tile's own decode; inside an overlap it is a convex mix of the two tiles' decodes.
-    assert _starts(28, tile, overlap) == [0, 8, 16] and _starts(20, tile, overlap) == [0, 8]
+    assert tile_starts(28, tile, overlap) == [0, 8, 16] and tile_starts(20, tile, overlap) == [0, 8]
     rows = slice(0, 8 * f)  # covered by the first row of tiles only
     t0 = ours.decode(z[..., 0:12, 0:12])
     t1 = ours.decode(z[..., 0:12, 8:20])

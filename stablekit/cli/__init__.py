@@ -1,7 +1,8 @@
 """``stablekit`` command line: one module per sub-command, each with ``add_parser`` and ``run``.
 
 Commands use only the public API (``stablekit.pipelines``, ``stablekit.weights``, ``stablekit.diffusion``).
-Errors the user can fix (bad paths, bad options, bad files) print one line and exit 2; they never show a traceback.
+Errors the user can fix (bad paths, bad options, bad files) print one line and exit 1; they never show a traceback.
+(Only argparse's own usage errors exit 2, as every argparse program does.)
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("generate", "info", "convert", "samplers", "train")
+COMMANDS = ("generate", "img2img", "inpaint", "info", "convert", "samplers", "train")
 
 
 class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit status 2."""
+    """A problem with the user's input: printed as one line, exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError, IsADirectoryError) as e:
         # ValueError covers our loaders' and validators' errors (WeightsError and friends subclass it).
         print(f"stablekit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1
     except RuntimeError as e:
         # NonFiniteError and friends: the run failed for a reason the message explains; no traceback.
         if type(e).__module__.startswith("stablekit"):

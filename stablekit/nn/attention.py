@@ -10,12 +10,17 @@ Every model (UNet transformers, the VAE mid-block, the text encoders) calls :fun
   head instead of ``T_q × T_k``.
 
 Backends are tested against ``math`` in ``tests/test_attention.py``.
+
+The backend is a setting of whoever runs the model (a :class:`~stablekit.pipelines.Pipeline` holds one), put in
+force for a call with :func:`attention_backend`. It lives in a context variable, not a module global, so two
+pipelines with different settings can run in two threads (a server's workers) without seeing each other's.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,37 +32,35 @@ Backend = Literal["sdpa", "math", "sliced"]
 BACKENDS: tuple[Backend, ...] = ("sdpa", "math", "sliced")
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Settings:
     backend: Backend = "sdpa"
     slice_size: int = 1024
 
 
-_settings = _Settings()
+_settings: ContextVar[_Settings] = ContextVar("stablekit_attention", default=_Settings())  # noqa: B039 (frozen)
 
 
-def set_backend(backend: Backend, *, slice_size: int | None = None) -> None:
+def _checked(backend: Backend, slice_size: int | None) -> _Settings:
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if slice_size is not None and slice_size < 1:
         raise ValueError(f"attention slice_size must be >= 1, got {slice_size}")
-    _settings.backend = backend
-    if slice_size is not None:
-        _settings.slice_size = slice_size
+    return _Settings(backend, slice_size if slice_size is not None else _settings.get().slice_size)
 
 
 def get_backend() -> Backend:
-    return _settings.backend
+    return _settings.get().backend
 
 
 @contextlib.contextmanager
 def attention_backend(backend: Backend, *, slice_size: int | None = None) -> Iterator[None]:
-    old = (_settings.backend, _settings.slice_size)
-    set_backend(backend, slice_size=slice_size)
+    """Run the enclosed model calls with ``backend`` (in this thread or task only)."""
+    token = _settings.set(_checked(backend, slice_size))
     try:
         yield
     finally:
-        _settings.backend, _settings.slice_size = old
+        _settings.reset(token)
 
 
 def _math(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
@@ -89,11 +92,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False) -> Tenso
         # SDPA aligns a rectangular causal mask to the first key, the math kernel to the last: refuse
         # rather than let the backends disagree (SD only needs square causal masks, in the text encoders).
         raise ValueError(f"causal attention needs T_q == T_k, got {q.shape[-2]} and {k.shape[-2]}")
-    backend = _settings.backend
-    if backend == "math":
+    settings = _settings.get()
+    if settings.backend == "math":
         return _math(q, k, v, causal)
-    if backend == "sliced":
-        return _sliced(q, k, v, causal, _settings.slice_size)
+    if settings.backend == "sliced":
+        return _sliced(q, k, v, causal, settings.slice_size)
     if q.device.type == "cpu" and q.dtype in (torch.float16, torch.bfloat16):
         return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

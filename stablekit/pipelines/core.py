@@ -1,8 +1,17 @@
-"""What every pipeline shares: a loaded model on a device, prompt encoding, the UNet call, and VAE decoding."""
+"""What every pipeline shares: a loaded model on a device with its settings, and the model calls (prompt
+encoding, the UNet, image encoding and decoding) the tasks compose.
+
+Settings (device, dtype, attention backend, tiling) belong to the :class:`Pipeline`, never to a module global:
+a server runs several pipelines, or several requests on one, in one process. Each model call puts the
+pipeline's attention backend in force for its own duration (a context variable), and no call changes the
+shared model (the fp16 decode fallback works on a private fp32 copy), so concurrent calls cannot race.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -10,7 +19,10 @@ from torch import Tensor
 
 from stablekit import __version__
 from stablekit.config import ModelConfig, Prediction
+from stablekit.diffusion.noise import Generator
 from stablekit.models.ldm import LatentDiffusion
+from stablekit.models.vae import AutoencoderKL
+from stablekit.nn.attention import BACKENDS, Backend, attention_backend
 from stablekit.text.tokenizer import tokenize
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,7 +42,12 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class Pipeline:
-    """A :class:`LatentDiffusion` model, its family config and the device/dtype it runs in."""
+    """A :class:`LatentDiffusion` model, its family config, the device/dtype it runs in and its settings.
+
+    ``attention`` picks the attention backend (``"sliced"`` trades speed for memory). ``vae_tile`` and
+    ``unet_tile`` are latent sizes above which the autoencoder's decode and the x4 upscaler's UNet run in
+    overlapping tiles, so large images fit in memory.
+    """
 
     def __init__(
         self,
@@ -41,14 +58,25 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         name: str = "model",
         notes: Sequence[str] = (),
+        attention: Backend = "sdpa",
+        slice_size: int | None = None,
+        vae_tile: int = 128,
+        unet_tile: int = 128,
     ) -> None:
+        if attention not in BACKENDS:
+            raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(BACKENDS)}")
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.config = config
         self.name = name
+        # What loading assumed or skipped: the caller reports these once, after loading.
         self.notes = list(notes)
         self.version = __version__
+        self.attention: Backend = attention
+        self.slice_size = slice_size
+        self.vae_tile = vae_tile
+        self.unet_tile = unet_tile
 
     @classmethod
     def from_file(
@@ -58,47 +86,74 @@ class Pipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         prediction: Prediction | None = None,
+        attention: Backend = "sdpa",
     ) -> Pipeline:
         from stablekit.weights import load_model
 
         dev = torch.device(device) if device is not None else default_device()
         dt = dtype if dtype is not None else default_dtype(dev)
         loaded = load_model(path, prediction=prediction, dtype=dt, device=dev)
-        return cls(loaded.model, loaded.config, device=dev, dtype=dt, name=Path(path).stem, notes=loaded.notes)
+        return cls(
+            loaded.model,
+            loaded.config,
+            device=dev,
+            dtype=dt,
+            name=Path(path).stem,
+            notes=loaded.notes,
+            attention=attention,
+        )
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        with torch.inference_mode(), attention_backend(self.attention, slice_size=self.slice_size):
+            yield
 
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, str | None]:
         """Prompts -> (B, 77, D) context, and the text the 77-token limit cut off (first one found), if any."""
         text = self.config.text
         tokens = tokenize(prompts, pad_token=text.pad_token, context_length=text.context_length)
         dropped = next((d for d in tokens.dropped if d), None)
-        with torch.inference_mode():
+        with self._running():
             context = self.model.cond_stage_model(tokens.ids.to(self.device))
         return context.to(self.dtype), dropped
 
-    def unet_fn(self, x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """The raw UNet call the samplers drive: (N, 4, h, w), (N,), (N, 77, D) -> eps or v."""
-        return self.model.model.diffusion_model(x, t, context)
+    def unet(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """The raw UNet call the samplers drive: (N, C_in, h, w), (N,), (N, 77, D), class labels (N,) -> ε or v."""
+        with self._running():
+            return self.model.model.diffusion_model(x, t, context, y)
+
+    def encode(self, pixels: Tensor, generator: Generator = None, *, sample: bool = True) -> Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f) scaled for diffusion.
+
+        With ``sample`` the latent is a draw from the posterior, one draw per image from its own generator when
+        given a list (as diffusers' ``retrieve_latents`` draws it, in the model's dtype); otherwise its mean.
+        """
+        with self._running():
+            posterior = self.model.first_stage_model.encode(pixels.to(self.device, self.dtype))
+            z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.config.vae.scale_factor
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents (B, 4, h, w) -> pixels (B, 3, H, W) in [-1, 1].
+        """Latents (B, C, h, w) -> pixels (B, 3, H, W) in [-1, 1], float32; tiled above ``vae_tile``.
 
         In half precision the decoder can overflow on some latents; then it is re-run in fp32 (the VAE is small
-        next to the UNet) rather than returning a black image. A NaN in the latents themselves is an error.
+        next to the UNet) on a private copy, rather than returning a black image. A NaN in the latents
+        themselves is an error.
         """
         if not torch.isfinite(latents).all():
-            raise NonFiniteError(
-                f"the sampler produced NaN/inf latents in {self.dtype}; try --dtype fp32 (or bf16 on GPU)"
-            )
-        vae = self.model.first_stage_model
+            hint = "; try --dtype fp32 (or bf16 on GPU)" if self.dtype != torch.float32 else ""
+            raise NonFiniteError(f"the sampler produced NaN/inf latents in {self.dtype}{hint}")
         z = latents / self.config.vae.scale_factor
-        with torch.inference_mode():
-            pixels = vae.decode(z.to(self.dtype))
+        vae = self.model.first_stage_model
+        with self._running():
+            pixels = self._decode_with(vae, z.to(self.dtype))
             if not torch.isfinite(pixels).all() and self.dtype != torch.float32:
-                vae.float()
-                try:
-                    pixels = vae.decode(z.float())
-                finally:
-                    vae.to(self.dtype)
+                pixels = self._decode_with(copy.deepcopy(vae).float(), z.float())
         if not torch.isfinite(pixels).all():
             raise NonFiniteError("the autoencoder produced NaN/inf pixels; the weights may be corrupt")
         return pixels.float()
+
+    def _decode_with(self, vae: AutoencoderKL, z: Tensor) -> Tensor:
+        if max(z.shape[-2:]) > self.vae_tile:
+            return vae.decode_tiled(z, tile=self.vae_tile, overlap=self.vae_tile // 4)
+        return vae.decode(z)

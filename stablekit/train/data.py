@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from stablekit.images import from_pil
+from stablekit.images import from_pil, to_rgb
 from stablekit.train.filters import HEIGHT_COLUMNS, WIDTH_COLUMNS, Filters
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -202,12 +202,8 @@ def _decode(src: _Source) -> Image.Image:
     with _open_bytes(src) as f, Image.open(f) as raw:
         raw.load()
         im = ImageOps.exif_transpose(raw)  # phone photos are stored sideways with an orientation tag
-        if im.mode in ("RGBA", "LA", "P", "PA") and ("A" in im.mode or "transparency" in im.info):
-            # Transparent pixels hold arbitrary (often black) colour; show them as the page they'd sit on.
-            rgba = im.convert("RGBA")
-            page = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(page, rgba).convert("RGB")
-        return im.convert("RGB")
+        # Transparent pixels hold arbitrary (often black) colour; show them as the page they'd sit on.
+        return to_rgb(im)
 
 
 def resize_crop(image: Image.Image, size: int) -> Image.Image:

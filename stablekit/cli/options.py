@@ -1,0 +1,129 @@
+"""What the generating commands (generate, img2img, inpaint, depth2img, upscale) share: their options, loading
+the model, reading input images, and turning a pipeline's events into a progress bar and PNG files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from stablekit.images import load_image, save_png
+from stablekit.pipelines import DTYPES, Event, Generated, GenerationParams, Notice, Pipeline, Progress
+
+
+def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
+    p.add_argument("--model", "-m", help=f"checkpoint file (.safetensors/.ckpt) or diffusers folder ({default_help})")
+    p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--attention-slicing", action="store_true", help="compute attention in slices to save memory")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, *, size: bool = True, batch: bool = True) -> None:
+    p.add_argument("--negative", "-n", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the family's)")
+    p.add_argument("--guidance", "--cfg", type=float, help="classifier-free guidance scale; on when > 1")
+    p.add_argument("--seed", type=int, help="seed; image i of the run uses seed + i (default: random)")
+    if size:
+        p.add_argument("--width", "-W", type=int, help="multiple of 8 (default: the family's size, or the input's)")
+        p.add_argument("--height", "-H", type=int, help="multiple of 8 (default: the family's size, or the input's)")
+    if batch:
+        p.add_argument("--batch-size", type=int, default=1, help="images per batch")
+        p.add_argument("--batch-count", type=int, default=1, help="number of batches")
+    p.add_argument("--sampler", help="sampler name, A1111 or diffusers style (see `stablekit samplers`)")
+    # Each overrides one setting the sampler otherwise takes from the model's own scheduler config.
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--spacing", choices=("leading", "trailing", "linspace"), help="timestep spacing")
+    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (sigma-space samplers)")
+    p.add_argument("--zero-snr", action="store_true", default=None, help="rescale betas to zero terminal SNR")
+    p.add_argument(
+        "--output", "-o", default="out.png", help="PNG path; with several images, -N is added before the suffix"
+    )
+
+
+def params_from(args: argparse.Namespace, prompt: str) -> GenerationParams:
+    options = {
+        "eta": args.eta,
+        "timestep_spacing": args.spacing,
+        "karras": args.karras,
+        "rescale_betas_zero_snr": args.zero_snr,
+    }
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=args.negative,
+        width=getattr(args, "width", None),
+        height=getattr(args, "height", None),
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        batch_size=getattr(args, "batch_size", 1),
+        batch_count=getattr(args, "batch_count", 1),
+        sampler=args.sampler,
+        sampler_options={k: v for k, v in options.items() if v is not None},
+    )
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"output must be a .png path, got {output!r}")
+    if path.is_dir():
+        raise ValueError(f"output {output!r} is a folder; give a file name ending in .png")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def open_image(path: str, what: str) -> Image.Image:
+    return load_image(path, what=what)
+
+
+def load_pipeline(args: argparse.Namespace, default: Callable[[], Path], what: str) -> Pipeline:
+    """The model named by --model, or the packaged demo ``default()``; loading notes printed once."""
+    model = args.model
+    if model is None:
+        model = default()
+        print(f"note: no --model given: using the built-in demo {what}", file=sys.stderr)
+    pipe = Pipeline.from_file(
+        model,
+        device=args.device,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        prediction=args.prediction,
+        attention="sliced" if args.attention_slicing else "sdpa",
+    )
+    for note in pipe.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return pipe
+
+
+def write_images(events: Iterator[Event], paths: list[Path], batch_count: int) -> int:
+    """Drive a task to the end: notices to stderr, a progress bar per batch, each image saved as it comes."""
+    written = 0
+    bar: tqdm | None = None
+    try:
+        for ev in events:
+            if isinstance(ev, Notice):
+                print(f"note: {ev.message}", file=sys.stderr)
+            elif isinstance(ev, Progress):
+                if bar is None or ev.step == 1:
+                    if bar is not None:
+                        bar.close()
+                    desc = f"batch {ev.batch + 1}/{batch_count}" if batch_count > 1 else "sampling"
+                    bar = tqdm(total=ev.total, desc=desc, unit="step", file=sys.stderr)
+                bar.update(1)
+            elif isinstance(ev, Generated):
+                if bar is not None:
+                    bar.close()
+                    bar = None
+                for image, seed, text in zip(ev.images, ev.seeds, ev.parameters, strict=True):
+                    path = save_png(image, paths[written], text)
+                    written += 1
+                    print(f"{path} (seed {seed})")
+    finally:
+        if bar is not None:
+            bar.close()
+    return 0

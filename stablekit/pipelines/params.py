@@ -1,0 +1,116 @@
+"""What a caller asks for (:class:`GenerationParams`) and its checked, defaulted form (:class:`Resolved`).
+
+Every task resolves its parameters here, before any model runs, so a bad value is one clear error whatever the
+task and nothing has been computed yet.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stablekit.config import ModelConfig
+from stablekit.diffusion import resolve_sampler
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    # One prompt, or several: each then gets batch_size images (prompt-major, as diffusers orders them).
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] = ""  # one for all prompts, or one per prompt
+    width: int | None = None  # None: the family's default size (image tasks: the input image's size)
+    height: int | None = None
+    steps: int | None = None  # None: the family's default
+    guidance_scale: float | None = None  # guidance is on when > 1
+    seed: int | None = None  # None: a random seed, reported back
+    batch_size: int = 1
+    batch_count: int = 1
+    sampler: str | None = None  # None: the family's default (from the released scheduler configs)
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    sampler: str
+    prompts: list[str]  # one per image of a batch
+    negatives: list[str]
+    batch_count: int
+    sampler_options: dict[str, Any]
+
+    @property
+    def per_batch(self) -> int:
+        return len(self.prompts)
+
+    def seeds(self, batch: int) -> list[int]:
+        """Image i of batch b uses seed + b·per_batch + i, so an image's seed names it in any batch layout."""
+        return [self.seed + batch * self.per_batch + i for i in range(self.per_batch)]
+
+
+def _prompt_list(value: str | Sequence[str], what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in items):
+        raise ValueError(f"{what} must be a string or a list of strings")
+    return items
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def resolve(
+    cfg: ModelConfig, p: GenerationParams, *, size: tuple[int, int] | None = None, multiple: int = 8
+) -> Resolved:
+    """Defaults filled in and every value checked. ``size`` (width, height) replaces the family's default size
+    (an image task's input size); sizes must be positive multiples of ``multiple``."""
+    default_w, default_h = size if size is not None else (cfg.default_size, cfg.default_size)
+    width = _integer("width", p.width if p.width is not None else default_w)
+    height = _integer("height", p.height if p.height is not None else default_h)
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v}")
+    steps = _integer("steps", p.steps if p.steps is not None else cfg.default_steps)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    guidance = float(p.guidance_scale if p.guidance_scale is not None else cfg.default_guidance)
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance}")
+    batch_size, batch_count = _integer("batch size", p.batch_size), _integer("batch count", p.batch_count)
+    if batch_size < 1 or batch_count < 1:
+        raise ValueError(f"batch size and count must be >= 1, got {batch_size} and {batch_count}")
+    seed = _integer("seed", p.seed) if p.seed is not None else random.randint(0, MAX_SEED)
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
+    sampler = resolve_sampler(p.sampler if p.sampler is not None else cfg.default_sampler)
+    prompts = _prompt_list(p.prompt, "prompt")
+    if not prompts:
+        raise ValueError("no prompt given (an empty list)")
+    negatives = _prompt_list(p.negative_prompt, "negative prompt")
+    if len(negatives) == 1:
+        negatives *= len(prompts)
+    elif len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one per prompt")
+    per_image = [(q, n) for q, n in zip(prompts, negatives, strict=True) for _ in range(batch_size)]
+    return Resolved(
+        width,
+        height,
+        steps,
+        guidance,
+        seed,
+        sampler,
+        [q for q, _ in per_image],
+        [n for _, n in per_image],
+        batch_count,
+        dict(p.sampler_options),
+    )
