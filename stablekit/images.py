@@ -43,7 +43,10 @@ def load_image(path: str | Path, *, what: str = "image", max_pixels: int = MAX_I
                 image = ImageOps.exif_transpose(im)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL's own guard fires at open for canvases far above ours; the same refusal, worded the same way.
+        raise ImageError(f"{what} {str(path)!r} is over the {max_pixels:,}-pixel limit for inputs ({e})") from e
+    except UnidentifiedImageError as e:
         raise ImageError(f"{what} {str(path)!r} is not a readable image ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError from deep in a decoder.
