@@ -19,6 +19,9 @@ from torch import Tensor
 # An input larger than this is refused from its header, before a pixel is decoded: a small file that declares a
 # huge canvas (a decompression bomb) must not take the machine's memory. 8192x8192 is far above any SD input.
 MAX_INPUT_PIXELS = 8192 * 8192
+# Only these decoders ever see an input's bytes: PIL's others (EPS through Ghostscript, PDF, FITS, ...) have had
+# code-execution and memory bugs, and no user of an image generator needs them.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
 class ImageError(ValueError):
@@ -35,7 +38,7 @@ def load_image(path: str | Path, *, what: str = "image", max_pixels: int = MAX_I
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=INPUT_FORMATS) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageError(f"{what} {str(path)!r} is {w}x{h}, over the {max_pixels:,}-pixel limit for inputs")
@@ -47,7 +50,7 @@ def load_image(path: str | Path, *, what: str = "image", max_pixels: int = MAX_I
         # PIL's own guard fires at open for canvases far above ours; the same refusal, worded the same way.
         raise ImageError(f"{what} {str(path)!r} is over the {max_pixels:,}-pixel limit for inputs ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{what} {str(path)!r} is not a readable image ({e})") from e
+        raise ImageError(f"{what} {str(path)!r} is not a readable image: inputs must be PNG, JPEG or WebP") from e
     except (OSError, SyntaxError, ValueError) as e:
         # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError from deep in a decoder.
         raise ImageError(f"{what} {str(path)!r} is corrupt or truncated ({e})") from e

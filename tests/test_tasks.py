@@ -137,6 +137,20 @@ def test_transparency_is_flattened_on_white() -> None:
     assert to_rgb(im).getpixel((0, 0)) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "BMP", "EPS"])
+def test_only_png_jpeg_and_webp_are_decoded(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"image.{fmt.lower()}"
+    if fmt == "EPS":  # PIL writes EPS only through Ghostscript: these are the bytes such a file starts with
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
+    else:
+        Image.new("RGB", (8, 8)).save(path, format=fmt)
+    with pytest.raises(ImageError, match="PNG, JPEG or WebP"):
+        load_image(path)
+    webp = tmp_path / "ok.webp"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(webp, format="WEBP", lossless=True)
+    assert load_image(webp).getpixel((0, 0)) == (1, 2, 3)
+
+
 def test_a_truncated_image_is_an_error(tmp_path: Path) -> None:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="PNG")
