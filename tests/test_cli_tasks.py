@@ -198,3 +198,27 @@ def test_bad_arguments_are_refused(models, images, tmp_path, capsys, args: list[
     filled = [a.format(**paths) for a in args]
     rc, err = _run(capsys, [*filled, *FAST, "-o", str(out)])
     _assert_refused(rc, err, message, out)
+
+
+def test_depth2img_estimates_depth_with_a_transformers_dpt_folder(models, images, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from transformers import DPTForDepthEstimation
+
+    from tests.test_midas import _diffusers_fixture_config
+
+    torch.manual_seed(0)
+    folder = tmp_path / "dpt"
+    DPTForDepthEstimation(_diffusers_fixture_config()).eval().save_pretrained(folder)
+    out = tmp_path / "o.png"
+    args = [
+        "depth2img",
+        "x",
+        "--image",
+        str(images["rgb"]),
+        "--depth-model",
+        str(folder),
+        "--model",
+        str(models["depth"]),
+    ]
+    rc, err = _run(capsys, [*args, *FAST, "-o", str(out)])
+    assert rc == 0, err
+    assert out.is_file()
