@@ -251,7 +251,7 @@ def family_from(unet: UNetConfig, text: TextConfig, prediction: str) -> str:
         return "x4-upscaler"
     if unet.in_channels == 9:
         return "sd2-inpaint" if sd2 else "sd1-inpaint"
-    if unet.in_channels == 5 and sd2:
+    if unet.in_channels == 5:  # the depth channel says it whatever the text tower (diffusers' test fixture: SD1's)
         return "sd2-depth"
     if sd2:
         return "sd2-v" if prediction == "v" else "sd2-base"

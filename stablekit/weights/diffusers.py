@@ -173,6 +173,12 @@ def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelCon
     sched = _json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     preset = PRESETS[family_from(unet, text, _PREDICTIONS.get(sched.get("prediction_type", "epsilon"), "eps"))]
     sampler = _SAMPLERS.get(sched.get("_class_name", ""))
+    if sched.get("_class_name") == "DDIMScheduler" and sched.get("clip_sample", True):
+        # The class default is on; released SD configs all switch it off. Never silently different from diffusers.
+        notes.append(
+            "scheduler clip_sample is on (x̂₀ clipped to [-1, 1] by diffusers' DDIM); stablekit does not clip, "
+            "so DDIM images from this folder differ from diffusers'"
+        )
     if sampler is None:
         notes.append(
             f"scheduler class {sched.get('_class_name')!r} has no stablekit sampler of the same kind; "
