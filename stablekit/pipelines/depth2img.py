@@ -22,8 +22,7 @@ from stablekit.images import to_rgb
 from stablekit.pipelines.core import Pipeline
 from stablekit.pipelines.denoise import Prepared, denoise, randn
 from stablekit.pipelines.events import Event, Notice
-from stablekit.pipelines.img2img import check_strength
-from stablekit.pipelines.inputs import default_size, pixels, require_family, require_image
+from stablekit.pipelines.inputs import check_strength, default_size, pixels, require_family, require_image
 from stablekit.pipelines.params import GenerationParams, resolve
 
 DepthMap = Image.Image | np.ndarray | Tensor

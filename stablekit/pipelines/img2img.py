@@ -15,14 +15,9 @@ from PIL import Image
 from stablekit.pipelines.core import Pipeline
 from stablekit.pipelines.denoise import Prepared, denoise, randn
 from stablekit.pipelines.events import Event
-from stablekit.pipelines.inputs import default_size, pixels, require_family, require_image
+from stablekit.pipelines.inpaint import inpaint
+from stablekit.pipelines.inputs import check_strength, default_size, pixels, require_family, require_image
 from stablekit.pipelines.params import GenerationParams, resolve
-
-
-def check_strength(strength: float) -> float:
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-    return float(strength)
 
 
 def img2img(pipe: Pipeline, params: GenerationParams, image: Image.Image, strength: float = 0.75) -> Iterator[Event]:
@@ -31,8 +26,6 @@ def img2img(pipe: Pipeline, params: GenerationParams, image: Image.Image, streng
     image = require_image(image, "image")
     strength = check_strength(strength)
     if cfg.conditioning == "inpaint":
-        from stablekit.pipelines.inpaint import inpaint
-
         yield from inpaint(pipe, params, image, Image.new("L", image.size, 255), strength)
         return
     r = resolve(cfg, params, size=default_size(image, cfg.vae.downsample))

@@ -24,8 +24,7 @@ from stablekit.images import mask_tensor, resized, to_mask
 from stablekit.pipelines.core import Pipeline
 from stablekit.pipelines.denoise import Prepared, denoise, randn
 from stablekit.pipelines.events import Event
-from stablekit.pipelines.img2img import check_strength
-from stablekit.pipelines.inputs import default_size, pixels, require_family, require_image
+from stablekit.pipelines.inputs import check_strength, default_size, pixels, require_family, require_image
 from stablekit.pipelines.params import GenerationParams, Resolved, resolve
 
 

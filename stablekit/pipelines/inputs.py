@@ -32,6 +32,12 @@ def require_family(cfg: ModelConfig, task: str, accepted: tuple[Conditioning, ..
         )
 
 
+def check_strength(strength: float) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    return float(strength)
+
+
 def require_image(image: object, what: str) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise ValueError(f"{what} must be a PIL image, got {type(image).__name__}")

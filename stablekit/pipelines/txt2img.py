@@ -12,6 +12,7 @@ from PIL import Image
 from stablekit.pipelines.core import Pipeline
 from stablekit.pipelines.denoise import Prepared, denoise, randn
 from stablekit.pipelines.events import Event, Generated
+from stablekit.pipelines.inpaint import whole_image
 from stablekit.pipelines.inputs import require_family
 from stablekit.pipelines.params import GenerationParams, resolve
 
@@ -21,8 +22,6 @@ def txt2img(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
     require_family(cfg, "generate", ("txt2img", "inpaint"))
     r = resolve(cfg, params)
     if cfg.conditioning == "inpaint":
-        from stablekit.pipelines.inpaint import whole_image
-
         yield from whole_image(pipe, r)
         return
     f = cfg.vae.downsample
