@@ -23,17 +23,20 @@ from stablekit.models.midas import DepthConfig, DPTDepthModel
 class DepthEstimator:
     """A :class:`DPTDepthModel` with its preprocessing; it runs in the model's device and dtype."""
 
-    def __init__(self, model: DPTDepthModel) -> None:
+    def __init__(self, model: DPTDepthModel, size: tuple[int, int] | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
+        # (height, width) the processor resizes to; a pipeline folder's feature_extractor says, else the model's.
+        self._size = size
 
     @property
     def config(self) -> DepthConfig:
         return self.model.config
 
     @property
-    def size(self) -> int:
-        """The square input size: the training resolution (384 for the released model)."""
-        return self.config.image_size
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the model's input: the feature extractor's size where a folder has one, else the
+        training resolution (384x384 for the released model)."""
+        return self._size or (self.config.image_size, self.config.image_size)
 
     @property
     def device(self) -> torch.device:
@@ -48,7 +51,7 @@ class DepthEstimator:
         return self
 
     def preprocess(self, images: Sequence[Image.Image]) -> Tensor:
-        """(B, 3, size, size) float32 in [-1, 1], on the CPU."""
+        """(B, 3, height, width) float32 in [-1, 1], on the CPU."""
         if isinstance(images, Image.Image):
             images = [images]
         if not images:
@@ -57,14 +60,14 @@ class DepthEstimator:
         for image in images:
             # The processor reads the image as stored; RGB is the only mode its 3-channel mean fits.
             rgb = image if image.mode == "RGB" else image.convert("RGB")
-            resized = rgb.resize((self.size, self.size), Image.Resampling.BICUBIC)
+            resized = rgb.resize((self.size[1], self.size[0]), Image.Resampling.BICUBIC)
             pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy())  # (H, W, 3)
             scaled = (pixels.double() * (1 / 255)).float()
             batch.append(((scaled - 0.5) / 0.5).permute(2, 0, 1))
         return torch.stack(batch)
 
     def estimate(self, images: Sequence[Image.Image]) -> Tensor:
-        """(B, size, size) float32 relative inverse depth (larger = nearer), on the model's device."""
+        """(B, height, width) float32 relative inverse depth (larger = nearer), on the model's device."""
         x = self.preprocess(images).to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
             return self.model(x).float()

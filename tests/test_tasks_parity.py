@@ -12,8 +12,9 @@ Changed from the fixtures, because our loader does not read them yet (another is
   ratio) and ``vocab_size`` 1000 -> 49408, with the full CLIP tokenizer from :func:`hf_clip_tokenizer` in place of
   ``hf-internal-testing/tiny-random-clip`` (small vocabularies with their own tokenizer files are not supported;
   no network here either);
-- depth's ``DPTImageProcessor`` is built with its defaults rather than downloaded: it is unused, as the depth map
-  is given (our MiDaS loader is tested on its own).
+- depth's ``DPTImageProcessor`` is built here rather than downloaded, resizing to the tiny DPT's own 32x32 input
+  (transformers refuses any other size for it); with a depth map given it is unused, without one both sides
+  estimate depth through it.
 
 Seeds: our image ``i`` uses ``Generator("cpu").manual_seed(seed + i)``, i.e. diffusers called with one generator
 per image and the input image (and mask) repeated once per image, so that each image's posterior sample comes from
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,7 @@ from stablekit.pipelines import (
     inpaint,
     upscale,
 )
+from stablekit.weights.midas import load_depth_model
 from tests.oracles import hf_clip_tokenizer
 
 diffusers = pytest.importorskip("diffusers")
@@ -190,7 +193,7 @@ def _reference(kind: str, tokenizer: Callable[[str | None], Any]) -> Any:
             tokenizer=tokenizer(None),
             scheduler=pndm,
             depth_estimator=_depth_estimator(),
-            feature_extractor=transformers.DPTImageProcessor(),
+            feature_extractor=transformers.DPTImageProcessor(size={"height": 32, "width": 32}),
         )
     cls = (
         diffusers.StableDiffusionImg2ImgPipeline
@@ -211,6 +214,7 @@ def _reference(kind: str, tokenizer: Callable[[str | None], Any]) -> Any:
 class Pair:
     ours: Pipeline
     ref: Any
+    folder: Path
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +238,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pair]:
             # ``from_config`` gives another class its own defaults for those; from the file every value holds.
             ref = type(made).from_pretrained(folder, local_files_only=True)
             ref.set_progress_bar_config(disable=True)
-            built[kind] = Pair(Pipeline.from_file(folder, device="cpu", dtype=torch.float32), ref)
+            built[kind] = Pair(Pipeline.from_file(folder, device="cpu", dtype=torch.float32), ref, folder)
         return built[kind]
 
     return get
@@ -403,6 +407,30 @@ def test_depth2img_matches_diffusers(pairs, sampler: str) -> None:  # type: igno
     assert pair.ours.config.conditioning == "depth"
     events, call = _task("depth", pair, _params(sampler), 0.8)
     _assert_same(_ours(events), _theirs(pair.ref, sampler, [SEED, SEED + 1], **call))
+
+
+def test_depth2img_with_estimated_depth_matches_diffusers(pairs) -> None:  # type: ignore[no-untyped-def]
+    # No depth map: diffusers runs the folder's DPT depth_estimator through its feature_extractor; we load that
+    # folder's depth_estimator/ and feature_extractor size with our own MiDaS.
+    pair = pairs("depth")
+    estimator = load_depth_model(pair.folder)
+    assert estimator.size == (32, 32)  # read from the folder's feature_extractor/
+    events = depth2img(pair.ours, _params("ddim"), IMAGE, depth_model=estimator, strength=0.8)
+    _assert_same(_ours(events), _theirs(pair.ref, "ddim", [SEED, SEED + 1], image=IMAGE, strength=0.8))
+
+
+def test_depth2img_command_uses_the_folders_own_estimator(pairs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from stablekit.cli import main
+
+    pair = pairs("depth")
+    IMAGE.save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    args = ["depth2img", "x", "-i", str(tmp_path / "in.png"), "--model", str(pair.folder), "--steps", "2"]
+    assert main([*args, "--seed", str(SEED), "--sampler", "ddim", "--strength", "0.8", "-o", str(out)]) == 0
+    params = GenerationParams("x", steps=2, seed=SEED, sampler="ddim")
+    estimator = load_depth_model(pair.folder)
+    want = _ours(depth2img(pair.ours, params, IMAGE, depth_model=estimator, strength=0.8)).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a"])

@@ -37,11 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _folder_estimator(model: str | None) -> Path | None:
-    """A diffusers depth folder carries its MiDaS as ``depth_estimator/``."""
+    """A diffusers depth folder carries its MiDaS as ``depth_estimator/`` (and its input size in
+    ``feature_extractor/``): the folder itself is then the depth model to load."""
     if model is None:
         return None
-    sub = Path(model) / "depth_estimator"
-    return sub if (sub / "config.json").is_file() else None
+    return Path(model) if (Path(model) / "depth_estimator" / "config.json").is_file() else None
 
 
 def run(args: argparse.Namespace) -> int:

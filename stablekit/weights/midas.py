@@ -77,6 +77,25 @@ def _transformers_folder(folder: str) -> tuple[DepthConfig, dict[str, Tensor]]:
         raise WeightsError(f"{file}: not a DPT-Hybrid DPTForDepthEstimation: {e}") from e
 
 
+def _processor_size(path: str) -> tuple[int, int] | None:
+    """The (height, width) a folder's image processor resizes to: ``feature_extractor/`` of a diffusers depth
+    pipeline, or a transformers folder's own ``preprocessor_config.json``. None where there is none."""
+    found = [os.path.join(path, "feature_extractor", "preprocessor_config.json")]
+    found.append(os.path.join(path, "preprocessor_config.json"))
+    file = next((f for f in found if os.path.isfile(f)), None)
+    if file is None:
+        return None
+    d = _json(file)
+    if d.get("keep_aspect_ratio"):
+        raise CheckpointError(f"{file}: keep_aspect_ratio resizing is not supported (SD's depth models use false)")
+    size = d.get("size")
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, dict) and isinstance(size.get("height"), int) and isinstance(size.get("width"), int):
+        return size["height"], size["width"]
+    raise CheckpointError(f"{file}: unreadable size {size!r}")
+
+
 def _midas_prefix(keys: Collection[str], path: str) -> str:
     """The prefix under which a file holds MiDaS's released keys ("" for a MiDaS file itself)."""
     for prefix in (*PREFIXES, ""):
@@ -153,4 +172,4 @@ def load_depth_model(
     unset = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if unset:
         raise WeightsError(f"{path}: model tensors left uninitialised: {', '.join(unset[:5])}")
-    return DepthEstimator(model)
+    return DepthEstimator(model, _processor_size(path) if os.path.isdir(path) else None)
