@@ -49,6 +49,7 @@ from stablekit.pipelines import (
 )
 from stablekit.weights.midas import load_depth_model
 from tests.oracles import hf_clip_tokenizer
+from tests.test_midas import _diffusers_fixture_config
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -133,34 +134,8 @@ def _upscale_unet() -> Any:
 
 
 def _depth_estimator() -> Any:
-    backbone = {
-        "global_padding": "same",
-        "layer_type": "bottleneck",
-        "depths": [3, 4, 9],
-        "out_features": ["stage1", "stage2", "stage3"],
-        "embedding_dynamic_padding": True,
-        "hidden_sizes": [96, 192, 384, 768],
-        "num_groups": 2,
-    }
-    config = transformers.DPTConfig(
-        image_size=32,
-        patch_size=16,
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=4,
-        backbone_out_indices=(0, 1, 2, 3),
-        num_attention_heads=4,
-        intermediate_size=37,
-        hidden_act="gelu",
-        hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.1,
-        is_decoder=False,
-        initializer_range=0.02,
-        is_hybrid=True,
-        backbone_config=backbone,
-        backbone_featmap_shape=[1, 384, 24, 24],
-    )
-    return transformers.DPTForDepthEstimation(config).eval()
+    # diffusers' depth fixture's DPT, as test_midas.py types it in
+    return transformers.DPTForDepthEstimation(_diffusers_fixture_config()).eval()
 
 
 def _reference(kind: str, tokenizer: Callable[[str | None], Any]) -> Any:

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 
 from stablekit.cli import UserError
-from stablekit.cli.options import (
-    add_model_options,
-    add_sampling_options,
-    load_pipeline,
-    open_image,
-    output_paths,
-    params_from,
-    write_images,
-)
-from stablekit.pipelines import depth2img
+from stablekit.cli.options import add_model_options, add_sampling_options, open_image, run_task
+from stablekit.pipelines import Event, GenerationParams, Pipeline, depth2img
 from stablekit.pipelines.depth2img import NEEDS_DEPTH
 
 
@@ -45,8 +38,6 @@ def _folder_estimator(model: str | None) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from(args, args.prompt)
-    paths = output_paths(args.output, params.batch_size * params.batch_count)
     image = open_image(args.image, "image")
     depth_map = open_image(args.depth_map, "depth map") if args.depth_map else None
     estimator_path = args.depth_model or (None if depth_map is not None else _folder_estimator(args.model))
@@ -54,11 +45,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(NEEDS_DEPTH)
     if args.model is None:
         raise UserError("depth2img needs a depth model (--model PATH to an SD 2 512-depth checkpoint)")
-    pipe = load_pipeline(args, lambda: Path(args.model), "model")
-    estimator = None
-    if estimator_path is not None:
-        from stablekit.weights.midas import load_depth_model
 
-        estimator = load_depth_model(estimator_path, device=pipe.device)
-    events = depth2img(pipe, params, image, depth_map=depth_map, depth_model=estimator, strength=args.strength)
-    return write_images(events, paths, params.batch_count)
+    def task(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
+        estimator = None
+        if estimator_path is not None:
+            from stablekit.weights.midas import load_depth_model
+
+            estimator = load_depth_model(estimator_path, device=pipe.device)
+        return depth2img(pipe, params, image, depth_map=depth_map, depth_model=estimator, strength=args.strength)
+
+    return run_task(args, args.prompt, task, lambda: Path(args.model), "model")

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from stablekit.cli.options import (
-    add_model_options,
-    add_sampling_options,
-    load_pipeline,
-    output_paths,
-    params_from,
-    write_images,
-)
+from stablekit.cli.options import DEMO_MODEL, add_model_options, add_sampling_options, run_task
 from stablekit.demo import model_path
 from stablekit.pipelines import txt2img
 
@@ -27,7 +20,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from(args, args.prompt)
-    paths = output_paths(args.output, params.batch_size * params.batch_count)
-    pipe = load_pipeline(args, model_path, "model (coloured shapes only)")
-    return write_images(txt2img(pipe, params), paths, params.batch_count)
+    return run_task(args, args.prompt, txt2img, model_path, DEMO_MODEL)

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from stablekit.cli.options import (
-    add_model_options,
-    add_sampling_options,
-    load_pipeline,
-    open_image,
-    output_paths,
-    params_from,
-    write_images,
-)
+from stablekit.cli.options import DEMO_MODEL, add_model_options, add_sampling_options, open_image, run_task
 from stablekit.demo import model_path
 from stablekit.pipelines import img2img
 
@@ -28,8 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from(args, args.prompt)
-    paths = output_paths(args.output, params.batch_size * params.batch_count)
     image = open_image(args.image, "image")
-    pipe = load_pipeline(args, model_path, "model (coloured shapes only)")
-    return write_images(img2img(pipe, params, image, args.strength), paths, params.batch_count)
+    return run_task(
+        args, args.prompt, lambda pipe, params: img2img(pipe, params, image, args.strength), model_path, DEMO_MODEL
+    )

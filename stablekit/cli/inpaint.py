@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
-from stablekit.cli.options import (
-    add_model_options,
-    add_sampling_options,
-    load_pipeline,
-    open_image,
-    output_paths,
-    params_from,
-    write_images,
-)
+from stablekit.cli.options import DEMO_MODEL, add_model_options, add_sampling_options, open_image, run_task
 from stablekit.demo import model_path
-from stablekit.pipelines import inpaint
+from stablekit.pipelines import Event, GenerationParams, Pipeline, inpaint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from(args, args.prompt)
-    paths = output_paths(args.output, params.batch_size * params.batch_count)
     image = open_image(args.image, "image")
     mask = open_image(args.mask, "mask")
-    pipe = load_pipeline(args, model_path, "model (coloured shapes only)")
-    return write_images(inpaint(pipe, params, image, mask, args.strength), paths, params.batch_count)
+
+    def task(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
+        return inpaint(pipe, params, image, mask, args.strength)
+
+    return run_task(args, args.prompt, task, model_path, DEMO_MODEL)

@@ -14,6 +14,8 @@ from tqdm import tqdm
 from stablekit.images import load_image, save_png
 from stablekit.pipelines import DTYPES, Event, Generated, GenerationParams, Notice, Pipeline, Progress
 
+DEMO_MODEL = "model (coloured shapes only)"
+
 
 def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
     p.add_argument("--model", "-m", help=f"checkpoint file (.safetensors/.ckpt) or diffusers folder ({default_help})")
@@ -98,6 +100,17 @@ def load_pipeline(args: argparse.Namespace, default: Callable[[], Path], what: s
     for note in pipe.notes:
         print(f"note: {note}", file=sys.stderr)
     return pipe
+
+
+Task = Callable[[Pipeline, GenerationParams], Iterator[Event]]
+
+
+def run_task(args: argparse.Namespace, prompt: str, task: Task, default: Callable[[], Path], what: str) -> int:
+    """The common run: check the output path, load the model, drive ``task`` and write its images."""
+    params = params_from(args, prompt)
+    paths = output_paths(args.output, params.batch_size * params.batch_count)
+    pipe = load_pipeline(args, default, what)
+    return write_images(task(pipe, params), paths, params.batch_count)
 
 
 def write_images(events: Iterator[Event], paths: list[Path], batch_count: int) -> int:

@@ -1,4 +1,5 @@
-"""``stablekit train``: train CLIP, the autoencoder or the UNet on image/caption pairs, or reproduce the demo.
+"""``stablekit train``: train CLIP, the autoencoder or the UNet on image/caption pairs, or reproduce the demo
+model (``demo``) or its x4 upscaler (``demo-upscaler``).
 
 Stages run in order for a model from scratch: ``clip`` (the text encoder, contrastively), ``vae`` (the
 autoencoder), then ``unet`` with ``--vae`` and ``--text`` pointing at their exports; or ``unet --model FILE``
@@ -41,11 +42,11 @@ _TRAIN_FLAGS = {  # TrainConfig field -> (type, help)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train CLIP, the autoencoder or the UNet; reproduce the demo model",
+        help="train CLIP, the autoencoder or the UNet; reproduce the demo model or its upscaler",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("stage", choices=("clip", "vae", "unet", "demo"))
+    p.add_argument("stage", choices=("clip", "vae", "unet", "demo", "demo-upscaler"))
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, the exported model")
     p.add_argument("--data", help="image folder (+ .txt captions), .jsonl/.parquet manifest or webdataset shards")
     p.add_argument("--config-preset", default="demo", choices=sorted(PRESETS), help="architecture (default: demo)")
@@ -61,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="unet: a whole model file to fine-tune (instead of --vae/--text)")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the KL term")
     p.add_argument("--recon", choices=("l1", "mse"), default="l1", help="vae: reconstruction loss")
-    p.add_argument("--install", help="demo: where to copy the fp16 model (default: the package's demo file)")
+    p.add_argument("--install", help="demo, demo-upscaler: where to copy the fp16 model (default: the package's)")
     filters = p.add_argument_group("LAION-style filters (from metadata columns)")
     filters.add_argument("--min-size", type=int, help="drop images whose shorter side is smaller")
     filters.add_argument("--min-aesthetic", type=float, help="drop images with a lower aesthetic score")
@@ -90,6 +91,14 @@ def run(args: argparse.Namespace) -> int:
 
         recipe = DemoRecipe() if args.seed is None else replace(DemoRecipe(), seed=args.seed)
         report = train_demo(args.out, recipe, install=Path(args.install) if args.install else PACKAGED)
+        print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=2))
+        return 0
+    if args.stage == "demo-upscaler":
+        from stablekit.train.recipe import PACKAGED_UPSCALER, UpscalerRecipe, train_demo_upscaler
+
+        recipe_x4 = UpscalerRecipe() if args.seed is None else replace(UpscalerRecipe(), seed=args.seed)
+        install = Path(args.install) if args.install else PACKAGED_UPSCALER
+        report = train_demo_upscaler(args.out, recipe_x4, install=install)
         print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=2))
         return 0
 

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
-from stablekit.cli.options import (
-    add_model_options,
-    add_sampling_options,
-    load_pipeline,
-    open_image,
-    output_paths,
-    params_from,
-    write_images,
-)
-from stablekit.pipelines import upscale
+from stablekit.cli.options import add_model_options, add_sampling_options, open_image, run_task
+from stablekit.pipelines import Event, GenerationParams, Pipeline, upscale
 from stablekit.pipelines.upscale import DEFAULT_NOISE_LEVEL
 
 
@@ -35,9 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from stablekit.demo import upscaler_path
 
-    params = params_from(args, args.prompt)
-    paths = output_paths(args.output, params.batch_size * params.batch_count)
     image = open_image(args.image, "image")
-    pipe = load_pipeline(args, upscaler_path, "upscaler (coloured shapes only)")
-    events = upscale(pipe, params, image, noise_level=args.noise_level)
-    return write_images(events, paths, params.batch_count)
+
+    def task(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
+        return upscale(pipe, params, image, noise_level=args.noise_level)
+
+    return run_task(args, args.prompt, task, upscaler_path, "upscaler (coloured shapes only)")
