@@ -27,8 +27,9 @@ def full_shapes() -> dict[str, dict[str, tuple[int, ...]]]:
     return {name: _shapes(cfg) for name, cfg in PRESETS.items()}
 
 
-# The demo model is known by the config in its metadata; its shapes are SD1's layout at other widths.
-@pytest.mark.parametrize("name", [n for n in PRESETS if n not in ("sd2-base", "sd2-v", "demo")])
+# The demo models are known by the config in their metadata; their shapes are SD1's and x4's layouts at other
+# widths.
+@pytest.mark.parametrize("name", [n for n in PRESETS if n not in ("sd2-base", "sd2-v", "demo", "demo-x4")])
 def test_every_family_from_shapes(full_shapes: dict[str, dict[str, tuple[int, ...]]], name: str) -> None:
     det = detect(full_shapes[name])
     assert det.family == name and det.standard

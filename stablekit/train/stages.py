@@ -1,8 +1,9 @@
-"""What is trained, and how its loss is computed: the KL autoencoder, CLIP and the latent-diffusion UNet.
+"""What is trained, and how its loss is computed: the KL autoencoder, CLIP, the latent-diffusion UNet and the x4
+upscaler's UNet.
 
 A :class:`Stage` owns its trainable ``module`` (and any frozen networks beside it), computes the loss of one
 micro-batch and, at the end, exports the averaged weights as the file the next stage or a user loads. The loop
-in :mod:`stablekit.train.trainer` is the same for all three.
+in :mod:`stablekit.train.trainer` is the same for all of them.
 
 Every random number a loss needs (noise, timesteps, caption dropout) comes from :class:`StepContext`, which
 draws it for *all* examples of the optimizer step from a generator seeded by (seed, step) and hands each
@@ -72,7 +73,7 @@ class Draws:
 
 
 class Stage:
-    """Base of the three stages. ``loss`` returns (what to backpropagate, this process's share of the logged
+    """Base of the stages. ``loss`` returns (what to backpropagate, this process's share of the logged
     step loss): summed over micro-batches and processes, the first's gradients and the second's values give
     the step objective's gradient and value."""
 
@@ -95,6 +96,15 @@ def _per_sample_share(per_sample: Tensor, ctx: StepContext) -> tuple[Tensor, Ten
     return loss, loss.detach()
 
 
+def random_crop(images: Tensor, size: int, draws: Draws) -> Tensor:
+    """A ``size`` x ``size`` window of each image at offsets from ``draws``: (b, C, H, W) -> (b, C, size, size)."""
+    h, w = images.shape[-2:]
+    if size > min(h, w):
+        raise ValueError(f"a {size}-pixel crop does not fit {h}x{w} images")
+    ys, xs = draws.randint(h - size + 1).tolist(), draws.randint(w - size + 1).tolist()
+    return torch.stack([im[:, y : y + size, x : x + size] for im, y, x in zip(images, ys, xs, strict=True)])
+
+
 # --- KL autoencoder ------------------------------------------------------------------------------------------
 
 
@@ -102,7 +112,8 @@ class VAEStage(Stage):
     """Reconstruction (L1 or MSE) plus a small KL term towards N(0, I), per latent element.
 
     The adversarial and perceptual (LPIPS) losses of the released autoencoder are left out: the demo's flat
-    shapes reconstruct well without them, and LPIPS would need pretrained VGG weights.
+    shapes reconstruct well without them, and LPIPS would need pretrained VGG weights. With ``crop`` each image
+    is trained on as a random ``crop``-pixel window (the autoencoder is convolutional: it then runs at any size).
     """
 
     name = "vae"
@@ -115,10 +126,12 @@ class VAEStage(Stage):
         kl_weight: float = 1e-4,
         recon: Literal["l1", "mse"] = "l1",
         init_logvar: float | None = -6.0,
+        crop: int | None = None,
     ) -> None:
         self.config = config
         self.kl_weight = kl_weight
         self.recon = recon
+        self.crop = crop
         self.module = AutoencoderKL(config.vae)
         if init_logvar is not None:
             # Start from a nearly deterministic posterior (σ = e^{-3} ≈ 0.05): at the default σ ≈ 1 the decoder
@@ -130,8 +143,11 @@ class VAEStage(Stage):
 
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, Tensor]:
         images = batch[0].to(ctx.device)
+        draws = Draws(ctx)
+        if self.crop is not None:
+            images = random_crop(images, self.crop, draws)
         post = self.module.encode(images)
-        z = post.mean + post.std * Draws(ctx).randn(*post.mean.shape[1:]).to(post.mean.dtype)
+        z = post.mean + post.std * draws.randn(*post.mean.shape[1:]).to(post.mean.dtype)
         rec = self.module.decode(z).float()
         err = (rec - images).abs() if self.recon == "l1" else (rec - images) ** 2
         mean, logvar = post.mean.float(), post.logvar.float()
@@ -156,6 +172,31 @@ class VAEStage(Stage):
         path = out / "vae.safetensors"
         state = {f"first_stage_model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
         write_safetensors(path, state, {METADATA_KEY: config_to_json(config), "format": "pt"})
+        return [path]
+
+
+class DecoderStage(VAEStage):
+    """Fine-tunes a trained autoencoder's decoder with its encoder, and so its latents, frozen (as SD's ft-MSE
+    decoder was made): a UNet trained on those latents stays valid, and the latent scale is the file's. MSE by
+    default, the error PSNR measures. Without ``crop`` it trains on whole images, which is what a decoder
+    trained on crops may need: its GroupNorm statistics are the whole input's.
+    """
+
+    name = "decoder"
+
+    def __init__(self, vae: str | Path, *, recon: Literal["l1", "mse"] = "mse", crop: int | None = None) -> None:
+        state, config = _part(vae, "first_stage_model.")
+        if config is None:
+            raise ValueError(f"{vae}: no stablekit config in the metadata (the vae stage's export has one)")
+        super().__init__(config, kl_weight=0.0, recon=recon, init_logvar=None, crop=crop)
+        self.module.load_state_dict(state, strict=True)
+        for frozen in (self.module.encoder, self.module.quant_conv):
+            frozen.requires_grad_(False)
+
+    def export(self, weights: dict[str, Tensor], out: Path, data: Iterable[Batch]) -> list[Path]:
+        path = out / "vae.safetensors"
+        state = {f"first_stage_model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
+        write_safetensors(path, state, {METADATA_KEY: config_to_json(self.config), "format": "pt"})
         return [path]
 
 
@@ -230,14 +271,18 @@ class UNetStage(Stage):
     """The latent-diffusion objective: x_t = α_t z + σ_t ε with t uniform over the training steps, and the MSE
     between the UNet's output and the family's target (ε, or v = α ε - σ z). The autoencoder and the text
     encoder are frozen; a caption is replaced by the empty one with probability ``caption_dropout``, which
-    teaches the unconditional prediction that classifier-free guidance needs."""
+    teaches the unconditional prediction that classifier-free guidance needs. A subclass conditions the UNet
+    further by overriding :meth:`condition`."""
 
     name = "unet"
+    conditioning = "txt2img"
     module: UNetModel
 
     def __init__(self, model: LatentDiffusion, config: ModelConfig, *, caption_dropout: float = 0.1) -> None:
-        if config.conditioning != "txt2img":
-            raise ValueError(f"the trainer trains text-to-image UNets; {config.name} is {config.conditioning}")
+        if config.conditioning != self.conditioning:
+            raise ValueError(
+                f"{type(self).__name__} trains {self.conditioning} UNets; {config.name} is {config.conditioning}"
+            )
         self.model = model
         self.config = config
         self.caption_dropout = caption_dropout
@@ -250,11 +295,17 @@ class UNetStage(Stage):
     def to(self, device: torch.device) -> None:
         self.model.to(device)
 
+    def condition(self, images: Tensor, draws: Draws) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(the images the latents are taken from, channels concatenated to z_t, class labels y); text-to-image
+        has neither, and draws nothing (its draws then stay those of the runs before this hook)."""
+        return images, None, None
+
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, Tensor]:
         images, captions = batch
         draws = Draws(ctx)
         with torch.no_grad():
-            post = self.model.first_stage_model.encode(images.to(ctx.device))
+            images, concat, labels = self.condition(images.to(ctx.device), draws)
+            post = self.model.first_stage_model.encode(images)
             z = post.mean + post.std * draws.randn(*post.mean.shape[1:]).to(post.mean.dtype)
             z = z.float() * self.config.vae.scale_factor  # (b, 4, h, w)
             keep = draws.rand() >= self.caption_dropout
@@ -267,7 +318,8 @@ class UNetStage(Stage):
         x_t = add_noise(z, noise, t, self.config.schedule)
         ac = self.alphas_cumprod.to(ctx.device)[t].reshape(-1, 1, 1, 1)
         target = training_target(z, noise, ac.sqrt(), (1 - ac).sqrt(), self.config.schedule.prediction)
-        pred = self.module(x_t, t.float(), context).float()
+        x_in = x_t if concat is None else torch.cat([x_t, concat.to(x_t.dtype)], dim=1)  # (b, 4 + c, h, w)
+        pred = self.module(x_in, t.float(), context, labels).float()
         return _per_sample_share(((pred - target) ** 2).mean(dim=(1, 2, 3)), ctx)
 
     def export(self, weights: dict[str, Tensor], out: Path, data: Iterable[Batch]) -> list[Path]:
@@ -280,3 +332,74 @@ class UNetStage(Stage):
         finally:
             self.module.load_state_dict(raw)
         return [path]
+
+
+def lanczos_downsample(images: Tensor, factor: int, a: int = 3) -> Tensor:
+    """Antialiased Lanczos-``a`` downsampling by an integer ``factor``, as PIL's ``resize(..., LANCZOS)`` does
+    it (the kernel stretched by ``factor``, 2·a·factor taps per axis, normalised); edges are replicated where
+    PIL renormalises the clipped kernel. (B, C, H, W) -> (B, C, H/factor, W/factor)."""
+    if images.shape[-1] % factor or images.shape[-2] % factor:
+        raise ValueError(f"{tuple(images.shape[-2:])} is not a multiple of {factor}")
+    # Output pixel i has its centre at input position (i + ½)·factor; tap k sits at input pixel
+    # factor·i - (a·factor - factor/2) + k, whose centre is ½ further.
+    k = torch.arange(2 * a * factor, dtype=torch.float64)
+    d = (k + 0.5 - a * factor) / factor  # distances from the output centre, in output pixels
+    w = torch.sinc(d) * torch.sinc(d / a)
+    w = (w / w.sum()).to(images.dtype)
+    c, pad = images.shape[1], a * factor - factor // 2
+    kernel = w.reshape(1, 1, 1, -1).repeat(c, 1, 1, 1).to(images.device)  # (C, 1, 1, taps)
+    x = nn.functional.pad(images, (pad, pad, 0, 0), mode="replicate")
+    x = nn.functional.conv2d(x, kernel, stride=(1, factor), groups=c)  # rows
+    x = nn.functional.pad(x, (0, 0, pad, pad), mode="replicate")
+    return nn.functional.conv2d(x, kernel.transpose(2, 3), stride=(factor, 1), groups=c)  # columns
+
+
+class UpscalerStage(UNetStage):
+    """The x4 upscaler's objective (LDM's ``LatentUpscaleDiffusion``): the latent-diffusion loss on a high-res
+    image x₀ (a random ``crop``-pixel window, if given), with the UNet also seeing x₀ downsampled by the
+    autoencoder's factor (antialiased bicubic, or Lanczos to match images antialiased that way), noised to a
+    level ℓ ~ U{0..max_noise_level} of the low-res schedule (√ᾱ_ℓ·lr + √(1-ᾱ_ℓ)·n, the released model's noise
+    augmentation), concatenated to z_t, with ℓ as its class label.
+
+    The label embedding starts at zero: each of its rows is trained by one level's share of the examples only
+    (1/351 for the demo), and from ``nn.Embedding``'s N(0, 1) a row would start as a large random shift of the
+    time embedding that a short run never trains away.
+    """
+
+    name = "upscaler"
+    conditioning = "upscale"
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        config: ModelConfig,
+        *,
+        caption_dropout: float = 0.1,
+        crop: int | None = None,
+        low_res_filter: Literal["bicubic", "lanczos"] = "bicubic",
+        zero_init_labels: bool = True,
+    ) -> None:
+        super().__init__(model, config, caption_dropout=caption_dropout)
+        if config.low_res_schedule is None or config.unet.num_classes is None:
+            raise ValueError(f"{config.name}: an upscaler needs a low_res_schedule and a noise-level label embedding")
+        if config.unet.num_classes <= config.max_noise_level:
+            raise ValueError(f"{config.name}: noise levels 0..{config.max_noise_level} need as many class labels")
+        self.low_res_schedule = config.low_res_schedule
+        self.crop = crop
+        self.low_res_filter = low_res_filter
+        if zero_init_labels:
+            with torch.no_grad():
+                self.module.label_emb.weight.zero_()
+
+    def condition(self, images: Tensor, draws: Draws) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if self.crop is not None:
+            images = random_crop(images, self.crop, draws)
+        f = self.config.vae.downsample
+        if self.low_res_filter == "lanczos":
+            low = lanczos_downsample(images, f)
+        else:
+            low = nn.functional.interpolate(images, scale_factor=1 / f, mode="bicubic", antialias=True)
+        low = low.clamp(-1, 1)  # (b, 3, H/f, W/f): the latents' size
+        level = draws.randint(self.config.max_noise_level + 1)
+        noised = add_noise(low, draws.randn(*low.shape[1:]), level, self.low_res_schedule)
+        return images, noised, level
