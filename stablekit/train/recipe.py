@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,17 +86,8 @@ class UpscalerRecipe:
     image_size: int = 128
     seed: int = 0
     vae_crop: int = 64
-    vae: TrainConfig = TrainConfig(
-        steps=2000,
-        batch_size=8,
-        lr=2e-4,
-        warmup=100,
-        adam_betas=(0.5, 0.9),
-        grad_clip=1.0,
-        ema_decay=0.999,
-        log_every=25,
-        checkpoint_every=250,
-    )
+    # The demo model's autoencoder recipe (Adam betas and clipping against loss spikes), shorter.
+    vae: TrainConfig = replace(DemoRecipe.vae, steps=2000, checkpoint_every=250)
     kl_weight: float = 1e-4
     # The decoder fine-tuned with MSE, the encoder frozen (see DecoderStage), on whole renders at the output size:
     # GroupNorm's statistics are the whole image's, so a decoder trained on 64 px crops decoded the flat colours
