@@ -39,11 +39,17 @@ def conditioned(
     window seeing only its own context (used for the x4 upscaler on large images).
     """
     b = cond.context.shape[0]
+    # The extras as the UNet batch needs them, made once rather than at every step: 2B under guidance
+    # ([uncond half, cond half], the same extras for both), B without.
+    reps = 2 if guidance > 1 else 1
+    concat = None if cond.concat is None else cond.concat.repeat(reps, 1, 1, 1)  # (N, C_extra, h, w)
+    labels = None if cond.y is None else cond.y.repeat(reps)  # (N,)
 
     def with_extras(x: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        reps = x.shape[0] // b  # 2 under guidance: [uncond half, cond half]
-        inp = x if cond.concat is None else torch.cat([x, cond.concat.repeat(reps, 1, 1, 1).to(x.dtype)], dim=1)
-        y = None if cond.y is None else cond.y.repeat(reps)
+        if x.shape[0] != reps * b:
+            raise ValueError(f"expected a UNet batch of {reps * b}, got {x.shape[0]}")
+        inp = x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1)
+        y = labels
         if tile is None or max(inp.shape[-2:]) <= tile:
             return unet(inp, t, context, y)
         return tiled(
