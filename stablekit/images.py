@@ -7,6 +7,9 @@ for identical decoded tensors. Resizing uses PIL's Lanczos filter, as diffusers'
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,15 +137,26 @@ def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, 
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
-    """Write ``image`` with a ``parameters`` tEXt chunk. Written to a temporary name first, then renamed, so an
-    interrupted run never leaves a truncated PNG under the requested name."""
+    """Write ``image`` with a ``parameters`` tEXt chunk. Written to a temporary file first, then renamed, so an
+    interrupted run never leaves a truncated PNG under the requested name.
+
+    The temporary file is created exclusively under a random name (``mkstemp``): a link planted beside the output
+    is never followed, and the file is removed again if writing or renaming fails.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.partial")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the image from other users; 0644 is a plain write's
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 

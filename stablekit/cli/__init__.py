@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        # Building the parser imports every command, and torch with them: seconds in which Ctrl-C is likely.
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("stablekit: interrupted", file=sys.stderr)
+        return 130
     try:
         return int(args.run(args))
     except (UserError, ValueError, FileNotFoundError, IsADirectoryError) as e:

@@ -10,6 +10,7 @@ diffusers does, and applies the inpainting mask callback between steps.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -203,6 +204,10 @@ def _split_overrides(
     for raw_key, value in overrides.items():
         if value is None:
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"sampler option {raw_key!r} must be a finite number, got {value}")
+        if raw_key == "eta" and value < 0:
+            raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {value}")
         key = _RENAMED.get(raw_key, raw_key)
         if key == "prediction":
             if value not in _PREDICTIONS:

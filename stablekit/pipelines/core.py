@@ -32,6 +32,27 @@ class NonFiniteError(RuntimeError):
     """The model produced NaN or infinity; raised instead of writing a black image."""
 
 
+def resolve_device(device: torch.device | str | None) -> torch.device:
+    """The device to run on, checked: an unknown name or a device this machine lacks is a ValueError that says
+    so, rather than torch's error from deep inside the first allocation."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: this machine has no CUDA device (or this torch has no CUDA)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {str(device)!r} is not supported: use cpu, cuda, cuda:N or mps")
+    return dev
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -65,7 +86,7 @@ class Pipeline:
     ) -> None:
         if attention not in BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(BACKENDS)}")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.config = config
@@ -90,7 +111,7 @@ class Pipeline:
     ) -> Pipeline:
         from stablekit.weights import load_model
 
-        dev = torch.device(device) if device is not None else default_device()
+        dev = resolve_device(device)
         dt = dtype if dtype is not None else default_dtype(dev)
         loaded = load_model(path, prediction=prediction, dtype=dt, device=dev)
         return cls(

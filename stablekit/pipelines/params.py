@@ -16,6 +16,8 @@ from stablekit.config import ModelConfig
 from stablekit.diffusion import resolve_sampler
 
 MAX_SEED = 2**32 - 1
+# Far above any useful scale (A1111's interface stops at 30): larger ones only overflow to NaN after sampling.
+MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,8 @@ def resolve(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     guidance = float(p.guidance_scale if p.guidance_scale is not None else cfg.default_guidance)
-    if not math.isfinite(guidance) or guidance < 0:
-        raise ValueError(f"guidance scale must be a finite number >= 0, got {guidance}")
+    if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise ValueError(f"guidance scale must be a number in [0, {MAX_GUIDANCE:g}], got {guidance}")
     batch_size, batch_count = _integer("batch size", p.batch_size), _integer("batch count", p.batch_count)
     if batch_size < 1 or batch_count < 1:
         raise ValueError(f"batch size and count must be >= 1, got {batch_size} and {batch_count}")

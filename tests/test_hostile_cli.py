@@ -1,0 +1,120 @@
+"""Issue 10's command-line failures, each reproduced here first: Ctrl-C while starting, bad devices, a planted
+link at the temporary PNG name, a failed rename, and NaN/inf/out-of-range numbers refused before sampling."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import stablekit.cli as cli
+from stablekit.cli import main
+from stablekit.images import read_parameters, save_png
+from stablekit.models.ldm import LatentDiffusion
+from stablekit.pipelines import GenerationParams, Pipeline, collect, txt2img
+from stablekit.weights import save_model
+from tests.tiny import TINY_SD1
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(LatentDiffusion(TINY_SD1), TINY_SD1, path)
+    return path
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], message: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], err
+
+
+def test_ctrl_c_while_starting_is_a_clean_interruption(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["generate", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "stablekit: interrupted"
+
+
+@pytest.mark.parametrize(("device", "message"), [("bogus", "unknown device"), ("cuda:99", "cuda:99")])
+def test_bad_device_is_one_line(model: Path, tmp_path: Path, capsys, device: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "o.png"
+    assert main(["generate", "x", "--model", str(model), "--device", device, "-o", str(out)]) == 1
+    _one_line_error(capsys, message)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA: the refusal cannot happen here")
+def test_cuda_without_cuda_is_one_line(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["generate", "x", "--model", str(model), "--device", "cuda", "-o", str(tmp_path / "o.png")]) == 1
+    _one_line_error(capsys, "no CUDA")
+
+
+def test_a_planted_link_at_the_old_temporary_name_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "o.png"
+    os.symlink(victim, tmp_path / ".o.png.partial")  # where the temporary file used to be written
+    save_png(Image.new("RGB", (8, 8)), out, "x")
+    assert victim.read_text() == "precious"
+    assert read_parameters(out) == "x"
+    assert oct(out.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_a_failed_rename_leaves_nothing_behind(tmp_path: Path) -> None:
+    out = tmp_path / "dir.png"
+    out.mkdir()  # a folder where the PNG should go: the rename fails
+    with pytest.raises(OSError):
+        save_png(Image.new("RGB", (8, 8)), out, "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png"]
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--guidance", "nan"], "guidance scale must be a number in [0, 100]"),
+        (["--guidance", "inf"], "guidance scale"),
+        (["--guidance", "1e308"], "guidance scale"),
+        (["--sampler", "ddim", "--eta", "nan"], "finite"),
+        (["--sampler", "ddim", "--eta", "-1"], "eta must be >= 0"),
+    ],
+)
+def test_bad_numbers_are_refused_before_sampling(
+    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+    unet = Pipeline.unet
+
+    def counting(self: Pipeline, *a: object, **k: object) -> torch.Tensor:
+        calls.append(1)
+        return unet(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Pipeline, "unet", counting)
+    out = tmp_path / "o.png"
+    assert main(["generate", "x", "--model", str(model), "--steps", "2", *args, "-o", str(out)]) == 1
+    _one_line_error(capsys, message)
+    assert calls == [] and not out.exists()
+
+
+def test_nan_message_does_not_suggest_fp32_to_an_fp32_run(model: Path) -> None:
+    from stablekit.pipelines import NonFiniteError
+    from stablekit.weights import load_model
+
+    loaded = load_model(model)
+    with torch.no_grad():
+        loaded.model.model.diffusion_model.out[2].bias.fill_(float("nan"))
+    pipe = Pipeline(loaded.model, loaded.config, device="cpu", dtype=torch.float32)
+    params = GenerationParams("x", width=32, height=32, steps=2, seed=1, sampler="ddim")
+    with pytest.raises(NonFiniteError) as caught:
+        collect(txt2img(pipe, params))
+    assert "NaN" in str(caught.value) and "fp32" not in str(caught.value)
