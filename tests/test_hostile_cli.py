@@ -118,3 +118,32 @@ def test_nan_message_does_not_suggest_fp32_to_an_fp32_run(model: Path) -> None:
     with pytest.raises(NonFiniteError) as caught:
         collect(txt2img(pipe, params))
     assert "NaN" in str(caught.value) and "fp32" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width", "100000", "--height", "100000"], "--max-pixels"),
+        (["--batch-size", "1000000"], "--max-batch-pixels"),
+        (["--batch-count", "5000"], "--max-images"),
+        (["--steps", "5000"], "--max-steps"),
+        (["--negative", "y" * 30_000], "--max-prompt-chars"),
+    ],
+)
+def test_limits_are_checked_before_sampling(
+    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:  # type: ignore[no-untyped-def]
+    calls: list[int] = []
+    monkeypatch.setattr(Pipeline, "unet", lambda *a, **k: calls.append(1))
+    out = tmp_path / "o.png"
+    assert main(["generate", "x", "--model", str(model), *args, "-o", str(out)]) == 1
+    _one_line_error(capsys, message)
+    assert calls == [] and not out.exists()
+
+
+def test_a_limit_flag_raises_its_limit(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "o.png"
+    base = ["generate", "x", "--model", str(model), "-W", "64", "-H", "64", "--steps", "2", "-o", str(out)]
+    assert main([*base, "--max-pixels", "1000"]) == 1
+    _one_line_error(capsys, "(4,096) is over the limit of 1,000")
+    assert main([*base, "--max-pixels", "4096"]) == 0

@@ -13,8 +13,16 @@ from tqdm import tqdm
 
 from stablekit.images import load_image, save_png
 from stablekit.pipelines import DTYPES, Event, Generated, GenerationParams, Notice, Pipeline, Progress
+from stablekit.pipelines.params import Limits
 
 DEMO_MODEL = "model (coloured shapes only)"
+_LIMIT_FLAGS = {  # Limits field -> help
+    "max_pixels": "most pixels per output image",
+    "max_batch_pixels": "most pixels sampled together (images x width x height)",
+    "max_images": "most images in one run",
+    "max_steps": "most sampling steps",
+    "max_prompt_chars": "longest prompt in characters",
+}
 
 
 def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
@@ -23,6 +31,10 @@ def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--attention-slicing", action="store_true", help="compute attention in slices to save memory")
+    limits = p.add_argument_group("limits", "checked before sampling; raise them for a bigger machine")
+    for name, help_text in _LIMIT_FLAGS.items():
+        default = getattr(Limits(), name)
+        limits.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{help_text} ({default:,})")
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, size: bool = True, batch: bool = True) -> None:
@@ -96,6 +108,7 @@ def load_pipeline(args: argparse.Namespace, default: Callable[[], Path], what: s
         dtype=DTYPES[args.dtype] if args.dtype else None,
         prediction=args.prediction,
         attention="sliced" if args.attention_slicing else "sdpa",
+        limits=Limits(**{name: getattr(args, name) for name in _LIMIT_FLAGS}),
     )
     for note in pipe.notes:
         print(f"note: {note}", file=sys.stderr)

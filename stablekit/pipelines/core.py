@@ -23,6 +23,7 @@ from stablekit.diffusion.noise import Generator
 from stablekit.models.ldm import LatentDiffusion
 from stablekit.models.vae import AutoencoderKL
 from stablekit.nn.attention import BACKENDS, Backend, attention_backend
+from stablekit.pipelines.params import Limits
 from stablekit.text.tokenizer import tokenize
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -83,6 +84,7 @@ class Pipeline:
         slice_size: int | None = None,
         vae_tile: int = 128,
         unet_tile: int = 128,
+        limits: Limits | None = None,
     ) -> None:
         if attention not in BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(BACKENDS)}")
@@ -98,6 +100,7 @@ class Pipeline:
         self.slice_size = slice_size
         self.vae_tile = vae_tile
         self.unet_tile = unet_tile
+        self.limits = limits or Limits()
 
     @classmethod
     def from_file(
@@ -108,6 +111,7 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         prediction: Prediction | None = None,
         attention: Backend = "sdpa",
+        limits: Limits | None = None,
     ) -> Pipeline:
         from stablekit.weights import load_model
 
@@ -122,6 +126,7 @@ class Pipeline:
             name=Path(path).stem,
             notes=loaded.notes,
             attention=attention,
+            limits=limits,
         )
 
     @contextlib.contextmanager

@@ -85,7 +85,7 @@ def depth2img(
     require_family(cfg, "depth2img", ("depth",))
     image = require_image(image, "image")
     strength = check_strength(strength)
-    r = resolve(cfg, params, size=default_size(image, cfg.vae.downsample))
+    r = resolve(cfg, params, size=default_size(image, cfg.vae.downsample), limits=pipe.limits)
     f = cfg.vae.downsample
     if depth_map is not None:
         depth = depth_array(depth_map)

@@ -28,7 +28,7 @@ def img2img(pipe: Pipeline, params: GenerationParams, image: Image.Image, streng
     if cfg.conditioning == "inpaint":
         yield from inpaint(pipe, params, image, Image.new("L", image.size, 255), strength)
         return
-    r = resolve(cfg, params, size=default_size(image, cfg.vae.downsample))
+    r = resolve(cfg, params, size=default_size(image, cfg.vae.downsample), limits=pipe.limits)
     x = pixels(image, r.width, r.height).repeat(r.per_batch, 1, 1, 1)  # (B, 3, H, W)
 
     def prepare(gens: list[torch.Generator]) -> Prepared:

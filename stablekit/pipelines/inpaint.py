@@ -38,7 +38,7 @@ def inpaint(
     if mask.size != image.size:
         raise ValueError(f"the mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}")
     strength = check_strength(strength)
-    r = resolve(cfg, params, size=default_size(image, cfg.vae.downsample))
+    r = resolve(cfg, params, size=default_size(image, cfg.vae.downsample), limits=pipe.limits)
     x = pixels(image, r.width, r.height)  # (1, 3, H, W)
     m = mask_tensor(resized(to_mask(mask), r.width, r.height))  # (1, 1, H, W), 1 = repaint
     yield from _run(pipe, r, x, m, strength)

@@ -21,6 +21,21 @@ MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one call may ask for, checked before any compute so that a typo (``--width 100000``) is an error
+    naming the limit rather than a machine out of memory. A pipeline holds its limits; the command line's
+    ``--max-*`` flags raise them. The defaults fit a 24 GiB machine: 4.2 MP per image (2048x2048, the x4
+    upscaler's output from 512x512) and as many pixels in one UNet batch (16 images at 512x512, 1024 at 64x64):
+    what a batch costs grows with its pixels, not its count."""
+
+    max_pixels: int = 2048 * 2048  # width x height of each output image
+    max_batch_pixels: int = 2048 * 2048  # pixels sampled together: prompts x batch_size x width x height
+    max_images: int = 1000  # images in one call: the batch times batch_count
+    max_steps: int = 1000
+    max_prompt_chars: int = 20_000  # longer text is only cut to 77 tokens, after tokenizing all of it
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     # One prompt, or several: each then gets batch_size images (prompt-major, as diffusers orders them).
     prompt: str | Sequence[str]
@@ -71,20 +86,32 @@ def _integer(name: str, value: object) -> int:
     return value
 
 
+def _limit(what: str, value: int, limit: int, flag: str) -> None:
+    if value > limit:
+        raise ValueError(f"{what} ({value:,}) is over the limit of {limit:,}; raise it with {flag}")
+
+
 def resolve(
-    cfg: ModelConfig, p: GenerationParams, *, size: tuple[int, int] | None = None, multiple: int = 8
+    cfg: ModelConfig,
+    p: GenerationParams,
+    *,
+    size: tuple[int, int] | None = None,
+    multiple: int = 8,
+    limits: Limits = Limits(),
 ) -> Resolved:
-    """Defaults filled in and every value checked. ``size`` (width, height) replaces the family's default size
-    (an image task's input size); sizes must be positive multiples of ``multiple``."""
+    """Defaults filled in and every value checked against ``limits``. ``size`` (width, height) replaces the
+    family's default size (an image task's input size); sizes must be positive multiples of ``multiple``."""
     default_w, default_h = size if size is not None else (cfg.default_size, cfg.default_size)
     width = _integer("width", p.width if p.width is not None else default_w)
     height = _integer("height", p.height if p.height is not None else default_h)
     for name, v in (("width", width), ("height", height)):
         if v <= 0 or v % multiple:
             raise ValueError(f"{name} must be a positive multiple of {multiple}, got {v}")
+    _limit(f"the image's pixels, {width}x{height}", width * height, limits.max_pixels, "--max-pixels")
     steps = _integer("steps", p.steps if p.steps is not None else cfg.default_steps)
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    _limit("steps", steps, limits.max_steps, "--max-steps")
     guidance = float(p.guidance_scale if p.guidance_scale is not None else cfg.default_guidance)
     if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
         raise ValueError(f"guidance scale must be a number in [0, {MAX_GUIDANCE:g}], got {guidance}")
@@ -99,6 +126,13 @@ def resolve(
     if not prompts:
         raise ValueError("no prompt given (an empty list)")
     negatives = _prompt_list(p.negative_prompt, "negative prompt")
+    for text in (*prompts, *negatives):
+        _limit("a prompt's length in characters", len(text), limits.max_prompt_chars, "--max-prompt-chars")
+    per_batch = len(prompts) * batch_size
+    pixels = per_batch * width * height
+    where = f"{per_batch} images of {width}x{height}"
+    _limit(f"pixels per batch, {where}", pixels, limits.max_batch_pixels, "--max-batch-pixels")
+    _limit("images in the run (per batch x batch count)", per_batch * batch_count, limits.max_images, "--max-images")
     if len(negatives) == 1:
         negatives *= len(prompts)
     elif len(negatives) != len(prompts):

@@ -20,7 +20,7 @@ from stablekit.pipelines.params import GenerationParams, resolve
 def txt2img(pipe: Pipeline, params: GenerationParams) -> Iterator[Event]:
     cfg = pipe.config
     require_family(cfg, "generate", ("txt2img", "inpaint"))
-    r = resolve(cfg, params)
+    r = resolve(cfg, params, limits=pipe.limits)
     if cfg.conditioning == "inpaint":
         yield from whole_image(pipe, r)
         return

@@ -39,7 +39,7 @@ def upscale(
     assert cfg.low_res_schedule is not None, "an upscale family always has a low_res_schedule"
     f = cfg.vae.downsample
     w, h = default_size(image, f)
-    r = resolve(cfg, params, size=(w * f, h * f), multiple=f)
+    r = resolve(cfg, params, size=(w * f, h * f), multiple=f, limits=pipe.limits)
     low = pixels(image, w, h).repeat(r.per_batch, 1, 1, 1)  # (B, 3, h, w) in [-1, 1]
     levels = torch.full((r.per_batch,), noise_level, dtype=torch.long)
     shape = (cfg.unet.out_channels, h, w)
