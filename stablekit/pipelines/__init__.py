@@ -6,7 +6,7 @@ parameters, prepares its images and conditioning, and hands over.
 
 from stablekit.pipelines.conditioning import Conditioning
 from stablekit.pipelines.core import DTYPES, NonFiniteError, Pipeline
-from stablekit.pipelines.depth2img import DepthEstimator, depth2img
+from stablekit.pipelines.depth2img import depth2img
 from stablekit.pipelines.events import Event, Generated, Notice, Progress
 from stablekit.pipelines.img2img import img2img
 from stablekit.pipelines.inpaint import inpaint
@@ -17,7 +17,6 @@ from stablekit.pipelines.upscale import upscale
 __all__ = [
     "DTYPES",
     "Conditioning",
-    "DepthEstimator",
     "Event",
     "Generated",
     "GenerationParams",

@@ -55,15 +55,6 @@ def randn(gens: Sequence[torch.Generator], shape: tuple[int, ...], dtype: torch.
     return torch.cat([torch.randn((1, *shape), generator=g, dtype=dtype) for g in gens])
 
 
-def initial_noise(
-    seeds: Sequence[int], shape: tuple[int, ...], dtype: torch.dtype
-) -> tuple[Tensor, list[torch.Generator]]:
-    """The starting noise (B, *shape) of a text-to-image batch and the generators, which samplers that draw
-    per-step noise continue."""
-    gens = generators(seeds)
-    return randn(gens, shape, dtype), gens
-
-
 def _blend(repaint: Tensor, original: Tensor) -> Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]:
     def paste(x: Tensor, renoise: Callable[[Tensor], Tensor]) -> Tensor:
         # diffusers' order of terms, so the blend rounds as it does

@@ -9,8 +9,7 @@ it is resized bicubically to the latent size and normalised per image to [-1, 1]
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from stablekit.depth import DepthEstimator
 from stablekit.images import to_rgb
 from stablekit.pipelines.core import Pipeline
 from stablekit.pipelines.denoise import Prepared, denoise, randn
@@ -26,12 +26,6 @@ from stablekit.pipelines.inputs import check_strength, default_size, pixels, req
 from stablekit.pipelines.params import GenerationParams, resolve
 
 DepthMap = Image.Image | np.ndarray | Tensor
-
-
-class DepthEstimator(Protocol):
-    def estimate(self, images: Sequence[Image.Image]) -> Tensor:
-        """RGB images -> (B, h, w) relative inverse depth (larger = nearer)."""
-        ...
 
 
 NEEDS_DEPTH = (
