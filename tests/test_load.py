@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import types
 import zipfile
@@ -230,3 +231,60 @@ def test_storage_member_shorter_than_its_tensor(tmp_path: Path) -> None:
             zout.writestr(info, data[:8] if info.filename.endswith("data/0") else data)
     with pytest.raises(CheckpointError, match="needs 64 bytes"):
         read_checkpoint(bad)
+
+
+def _rezip_deflated(src: Path, dst: Path, grow: dict[str, int] | None = None) -> None:
+    """Copy a torch zip with every member deflated; ``grow`` appends that many zero bytes to a member, streamed,
+    so a test can make a small file that inflates to hundreds of MB without holding them."""
+    grow = grow or {}
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            with zout.open(info.filename, "w", force_zip64=True) as out:
+                out.write(zin.read(info))
+                for _ in range(grow.get(info.filename.rpartition("/")[2], 0) // 2**20):
+                    out.write(bytes(2**20))
+
+
+def _peak_rss_growth_mb(path: Path) -> float:
+    """Load ``path`` in a fresh interpreter; how far its peak RSS rose during the read, in MB."""
+    code = (
+        "import resource, sys; from stablekit.weights.load import read_checkpoint, CheckpointError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try: read_checkpoint(sys.argv[1])\n"
+        "except CheckpointError as e: print(e, file=sys.stderr)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return float(run.stdout.split()[-1])
+
+
+def test_deflated_member_is_inflated_no_further_than_its_tensor(tmp_path: Path) -> None:
+    # Issue 10, item 1: the storage member inflates to 256 MB, the pickle declares 64 bytes for it.
+    src = tmp_path / "small.ckpt"
+    torch.save({"w": torch.arange(16, dtype=torch.float32)}, src)
+    bomb = tmp_path / "bomb.ckpt"
+    _rezip_deflated(src, bomb, {"0": 256 * 2**20})
+    assert bomb.stat().st_size < 2 * 2**20
+    assert _peak_rss_growth_mb(bomb) < 64
+    assert torch.equal(read_checkpoint(bomb).tensors["w"], torch.arange(16, dtype=torch.float32))  # type: ignore[index]
+
+
+def test_declared_inflation_past_the_ratio_is_refused_before_inflating(tmp_path: Path) -> None:
+    src = tmp_path / "zeros.ckpt"
+    torch.save({"w": torch.zeros(2**25)}, src)  # 128 MiB of zeros: deflates about 1000:1
+    packed = tmp_path / "packed.ckpt"
+    _rezip_deflated(src, packed)
+    src.unlink()
+    with pytest.raises(CheckpointError, match="zip bomb"):
+        read_checkpoint(packed)
+    assert _peak_rss_growth_mb(packed) < 64
+
+
+def test_deflated_checkpoint_within_the_ratio_loads(tmp_path: Path) -> None:
+    state = {"w": torch.randn(256, 64), "b": torch.zeros(64)}
+    src = tmp_path / "plain.ckpt"
+    torch.save(state, src)
+    packed = tmp_path / "packed.ckpt"
+    _rezip_deflated(src, packed)
+    got = read_checkpoint(packed).tensors
+    assert got is not None and all(torch.equal(got[k], v) for k, v in state.items())

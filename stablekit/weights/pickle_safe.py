@@ -239,11 +239,30 @@ class Unpickled:
     placeholders: list[str] = field(default_factory=list)
 
 
-def _member_view(mm: mmap.mmap, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Tensor:
-    """A member's bytes: a copy-on-write view of the mapped file when stored uncompressed (torch's
-    default), a read otherwise."""
+# torch writes every member uncompressed; a deflated member comes from a re-zipped file. Its bytes cost memory
+# (a stored member is only mapped), so inflation is bounded: never past the size the pickle declares for the
+# storage, and in total to what a plausible compression ratio allows. Deflate can reach ~1000:1 on zeros, which
+# is how a 2 MB file claims gigabytes; real weights deflate to about 0.9 of their size.
+MAX_INFLATION_RATIO = 32
+INFLATION_FLOOR = 64 * 2**20  # bytes any file may inflate to, so a small, legitimately sparse file still loads
+MAX_PICKLE_BYTES = 256 * 2**20  # data.pkl of a full SD checkpoint is well under 1 MB
+
+
+def _inflate_budget(path_size: int) -> int:
+    return INFLATION_FLOOR + MAX_INFLATION_RATIO * path_size
+
+
+def _member_view(mm: mmap.mmap, zf: zipfile.ZipFile, info: zipfile.ZipInfo, nbytes: int) -> Tensor:
+    """The first ``nbytes`` of a member: a copy-on-write view of the mapped file when stored uncompressed
+    (torch's default), else inflated, stopping at ``nbytes`` whatever the member holds."""
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        with zf.open(info) as member:
+            data = member.read(nbytes)
+        if len(data) < nbytes:
+            raise UnsafePickleError(f"zip member {info.filename} inflates to fewer bytes than it declares")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
     if info.compress_type != zipfile.ZIP_STORED:
-        return torch.frombuffer(bytearray(zf.read(info)), dtype=torch.uint8)
+        raise UnsafePickleError(f"zip member {info.filename}: compression method {info.compress_type} is not read")
     header = mm[info.header_offset : info.header_offset + 30]
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
         raise UnsafePickleError(f"zip member {info.filename} has no local header")
@@ -251,9 +270,9 @@ def _member_view(mm: mmap.mmap, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> T
     start = info.header_offset + 30 + name_len + extra_len
     if start + info.file_size > len(mm):
         raise UnsafePickleError(f"zip member {info.filename} runs past the end of the file (truncated?)")
-    if info.file_size == 0:
+    if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(mm, dtype=torch.uint8, count=info.file_size, offset=start)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start)
 
 
 def load_zip(path: str) -> Unpickled:
@@ -263,12 +282,15 @@ def load_zip(path: str) -> Unpickled:
         if len(pickles) != 1:
             raise UnsafePickleError(f"expected one <name>/data.pkl in the archive, found {len(pickles)}")
         root = pickles[0].removesuffix("data.pkl")
-        if zf.NameToInfo.get(root + "byteorder") and zf.read(root + "byteorder") == b"big":
+        order = zf.NameToInfo.get(root + "byteorder")
+        if order and order.file_size < 16 and zf.read(order) == b"big":
             raise UnsafePickleError("big-endian checkpoints are not supported")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         storages: dict[str, _Storage] = {}
+        budget = _inflate_budget(len(mm))
 
         def storage(key: str, dtype: torch.dtype, numel: int) -> _Storage:
+            nonlocal budget
             if key in storages:
                 return storages[key]
             info = zf.NameToInfo.get(f"{root}data/{key}")
@@ -277,11 +299,22 @@ def load_zip(path: str) -> Unpickled:
             st = _Storage(key, dtype, numel)
             if info.file_size < st.nbytes:
                 raise UnsafePickleError(f"storage {key!r} needs {st.nbytes} bytes, member has {info.file_size}")
-            st.raw = _member_view(mm, zf, info)[: st.nbytes]
+            if info.compress_type != zipfile.ZIP_STORED:
+                # Checked before inflating anything; the sum also covers members that share compressed bytes.
+                budget -= st.nbytes
+                if budget < 0:
+                    raise UnsafePickleError(
+                        f"compressed storages would inflate past {_inflate_budget(len(mm))} bytes, "
+                        f"{MAX_INFLATION_RATIO}x the file's size: refused as a zip bomb"
+                    )
+            st.raw = _member_view(mm, zf, info, st.nbytes)
             storages[key] = st
             return st
 
-        with zf.open(pickles[0]) as stream:
+        info = zf.NameToInfo[pickles[0]]
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise UnsafePickleError(f"{pickles[0]} declares {info.file_size} bytes; a checkpoint's is under 1 MB")
+        with zf.open(info) as stream:  # zipfile stops inflating at the declared size
             unpickler = _Unpickler(stream, storage)  # type: ignore[arg-type]
             obj = unpickler.load()
         return Unpickled(_resolve(obj), sorted(unpickler.placeholders))
