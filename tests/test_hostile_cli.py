@@ -4,6 +4,8 @@ link at the temporary PNG name, a failed rename, and NaN/inf/out-of-range number
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,68 @@ def test_a_limit_flag_raises_its_limit(model: Path, tmp_path: Path, capsys) -> N
     assert main([*base, "--max-pixels", "1000"]) == 1
     _one_line_error(capsys, "(4,096) is over the limit of 1,000")
     assert main([*base, "--max-pixels", "4096"]) == 0
+
+
+def _no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_a: object, **_k: object) -> None:
+        raise AssertionError("the model was loaded before the destination was checked")
+
+    monkeypatch.setattr("stablekit.cli.convert.load_model", fail)
+
+
+@pytest.mark.parametrize(
+    ("dst", "message"),
+    [("/proc/stablekit-test.safetensors", "cannot write /proc/"), ("missing/out.safetensors", "does not exist")],
+)
+def test_convert_to_an_unwritable_destination_fails_before_loading(  # type: ignore[no-untyped-def]
+    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, dst: str, message: str
+) -> None:
+    # Issue 10, item 4: a raw SafetensorError traceback, and only after the whole model had loaded.
+    _no_model_load(monkeypatch)
+    target = dst if dst.startswith("/") else str(tmp_path / dst)
+    assert main(["convert", str(model), target]) == 1
+    _one_line_error(capsys, message)
+
+
+def test_convert_onto_a_full_disk_leaves_nothing(model: Path, tmp_path: Path) -> None:
+    # A file-size limit is a full disk as the writer sees it (EFBIG instead of ENOSPC), without needing one.
+    code = (
+        "import resource, signal, sys; from stablekit.cli import main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    for dst, extra in ((out / "m.safetensors", []), (out / "folder", ["--to", "diffusers"])):
+        run = subprocess.run(
+            [sys.executable, "-c", code, "convert", str(model), str(dst), *extra], capture_output=True, text=True
+        )
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert "error: cannot write" in run.stderr and "File too large" in run.stderr, run.stderr
+        assert list(out.iterdir()) == []
+
+
+def test_an_interrupted_diffusers_conversion_leaves_no_folder(  # type: ignore[no-untyped-def]
+    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 10, item 5: interrupted, it left model_index.json and a 0-byte tokenizer/vocab.json that loaded.
+    dst = tmp_path / "folder"
+    seen: list[bool] = []
+
+    def interrupted(folder: str, _text: object) -> None:
+        seen.append(dst.exists())  # the tokenizer is written last: by now every other file is in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("stablekit.weights.diffusers.write_tokenizer", interrupted)
+    assert main(["convert", str(model), str(dst), "--to", "diffusers"]) == 130
+    assert seen == [False] and not dst.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert main(["convert", str(model), str(dst), "--to", "diffusers"]) == 0
+    capsys.readouterr()
+    # Replacing an existing folder keeps it whole too: the old one stays until the new one is complete.
+    monkeypatch.setattr("stablekit.weights.diffusers.write_tokenizer", interrupted)
+    before = sorted(p.relative_to(dst) for p in dst.rglob("*"))
+    assert main(["convert", str(model), str(dst), "--to", "diffusers", "--overwrite"]) == 130
+    assert sorted(p.relative_to(dst) for p in dst.rglob("*")) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]

@@ -36,9 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     try:
         return int(args.run(args))
-    except (UserError, ValueError, FileNotFoundError, IsADirectoryError) as e:
+    except (UserError, ValueError) as e:
         # ValueError covers our loaders' and validators' errors (WeightsError and friends subclass it).
         print(f"stablekit {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # A file that cannot be read or written (permissions, a full disk, a missing folder): the user's to fix.
+        where = f"{e.filename}: " if e.filename and str(e.filename) not in str(e) else ""
+        print(f"stablekit {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except RuntimeError as e:
         # NonFiniteError and friends: the run failed for a reason the message explains; no traceback.

@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from stablekit.atomic import check_writable
 from stablekit.cli import UserError
 from stablekit.weights import load_model, save_model
 
@@ -50,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.dst} exists (pass --overwrite to replace it)")
     if os.path.abspath(args.dst) == os.path.abspath(args.src):
         raise UserError("SRC and DST are the same path")
+
+    check_writable(args.dst)  # before the model loads: an unwritable DST fails in a second, not after minutes
 
     dtype = DTYPES[args.dtype] if args.dtype else None
     loaded = load_model(args.src, prediction=args.prediction, dtype=dtype)

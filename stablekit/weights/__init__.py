@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from stablekit.atomic import replacing_folder
 from stablekit.config import ModelConfig, Prediction
 from stablekit.models.ldm import LatentDiffusion, split_extras
 from stablekit.weights.convert import WeightsError, fit_state_dict
@@ -223,7 +224,8 @@ def save_model(
 ) -> None:
     """Write ``model`` as an original single ``.safetensors`` file (with its config in the metadata, so it
     loads back exactly) or as a diffusers folder. ``config`` defaults to the model's own; ``dtype`` casts
-    floating-point tensors (e.g. ``torch.float16``)."""
+    floating-point tensors (e.g. ``torch.float16``). Either way the output appears whole or not at all; an
+    existing file or folder at ``path`` is replaced."""
     absent: set[str] = set()
     if isinstance(model, Loaded):
         absent, net = set(model.absent), model.model
@@ -238,6 +240,8 @@ def save_model(
     if layout == "original":
         write_safetensors(path, state, {METADATA_KEY: config_to_json(config), "format": "pt"})
     elif layout == "diffusers":
-        write_folder(path, config, state, optional=net.optional_keys())
+        # Filled under a temporary name and renamed: an interrupted write never leaves a folder that loads.
+        with replacing_folder(path, overwrite=True) as tmp:
+            write_folder(tmp, config, state, optional=net.optional_keys())
     else:
         raise ValueError(f"unknown layout {layout!r}: original or diffusers")

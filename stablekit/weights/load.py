@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from stablekit.atomic import WriteError, replacing_file
 from stablekit.weights.pickle_safe import Placeholder, Unpickled, load_legacy, load_zip
 
 FileFormat = Literal["safetensors", "torch-zip", "torch-legacy"]
@@ -242,10 +243,8 @@ def write_safetensors(
         # safetensors refuses tensors that share memory (tied or sliced weights); give each its own copy.
         flat[key] = t.clone() if ptr in seen and t.numel() else t
         seen.add(ptr)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(flat, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replacing_file(path) as tmp:
+        try:
+            save_file(flat, tmp, metadata=dict(metadata or {}))
+        except Exception as e:  # the library's SafetensorError wraps the OS error (a full disk, a quota)
+            raise WriteError(f"cannot write {path}: {e}") from e
