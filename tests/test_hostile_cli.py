@@ -3,14 +3,20 @@ link at the temporary PNG name, a failed rename, and NaN/inf/out-of-range number
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import stablekit.cli as cli
 from stablekit.cli import main
@@ -214,3 +220,77 @@ def test_an_interrupted_diffusers_conversion_leaves_no_folder(  # type: ignore[n
     assert main(["convert", str(model), str(dst), "--to", "diffusers", "--overwrite"]) == 130
     assert sorted(p.relative_to(dst) for p in dst.rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
+def _rewritten(model: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """``model`` written again by the safetensors library after ``edit`` (its metadata kept)."""
+    with safe_open(str(model), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    edit(state)
+    save_file(state, str(dst), metadata=meta)
+    return dst
+
+
+def _header_edited(model: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    raw = model.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    return dst
+
+
+def _first_two(header: dict[str, Any]) -> tuple[str, str]:
+    a, b = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[:2]
+    return a, b
+
+
+def _overlap(header: dict[str, Any]) -> None:
+    a, b = _first_two(header)
+    size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
+    start = header[a]["data_offsets"][0]
+    header[b]["data_offsets"] = [start, start + size]  # b now reads a's bytes; the file's length is unchanged
+
+
+def test_info_refuses_what_generate_refuses(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # Also noticed in issue 10: info exited 0 on overlapping offsets, duplicate names and wrong shapes.
+    def wrong_shape(state: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in state if k.endswith("out.2.bias"))
+        state[key] = torch.zeros(state[key].numel() + 1)
+
+    overlapping = _header_edited(model, tmp_path / "overlap.safetensors", _overlap)
+    raw = model.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    a = _first_two(json.loads(raw[8 : 8 + n]))[0]
+    entry = json.dumps(json.loads(raw[8 : 8 + n])[a])
+    # JSON allows a name twice; json.loads would keep the second silently.
+    text = raw[8 : 8 + n].decode().replace("{", "{" + json.dumps(a) + ": " + entry + ", ", 1).encode()
+    duplicate = tmp_path / "duplicate.safetensors"
+    duplicate.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    cases = [
+        (overlapping, "overlap"),
+        (duplicate, "twice"),
+        (_rewritten(model, tmp_path / "shape.safetensors", wrong_shape), "out.2.bias: file has"),
+    ]
+    for path, message in cases:
+        assert main(["info", str(path)]) == 1, path
+        _one_line_error(capsys, message)
+        out = tmp_path / "o.png"
+        args = ["generate", "x", "--model", str(path), "-W", "64", "-H", "64", "--steps", "1", "-o", str(out)]
+        assert main(args) == 1
+        _one_line_error(capsys, message)
+
+
+def test_a_named_pipe_as_model_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # Also noticed in issue 10: opening a FIFO blocks until a writer comes, so `info fifo` hung forever.
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    os.mkfifo(folder / "model_index.json")
+    for path in (fifo, folder):
+        run = subprocess.run(
+            [sys.executable, "-m", "stablekit", "info", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 1 and "not a regular file" in run.stderr and "Traceback" not in run.stderr

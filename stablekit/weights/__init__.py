@@ -156,8 +156,13 @@ def _open(
 
 
 def probe(path: str | os.PathLike[str], *, prediction: Prediction | None = None) -> Probe:
-    """Identify a checkpoint file or diffusers folder; reads only a safetensors header where it can."""
-    return _open(path, prediction, shapes_only=True)[0]
+    """Identify a checkpoint file or diffusers folder; reads only a safetensors header where it can. Raises
+    :class:`WeightsError`, as loading would, when the tensors do not fit the model the file describes."""
+    found = _open(path, prediction, shapes_only=True)[0]
+    with torch.device("meta"):  # shapes only: no memory, a fraction of a second even at full size
+        model = LatentDiffusion(found.config)
+        fit_state_dict(model, {k: torch.empty(s) for k, s in found.shapes.items()}, optional=model.optional_keys())
+    return found
 
 
 def build_model(

@@ -76,10 +76,12 @@ class DiffusersFolder:
 
 
 def is_diffusers_folder(path: str | os.PathLike[str]) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
+    return os.path.lexists(os.path.join(path, "model_index.json"))  # not isfile: a FIFO there gets its own error
 
 
 def _json(path: str) -> dict[str, Any]:
+    if os.path.exists(path) and not os.path.isfile(path):  # a named pipe would block the read forever
+        raise CheckpointError(f"{path}: not a regular file")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)

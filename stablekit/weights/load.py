@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,7 +80,11 @@ def sniff(path: str) -> FileFormat:
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            # Opening a named pipe blocks until someone writes to it; a device may never end.
+            raise CheckpointError(f"{path}: not a regular file (a named pipe, device or socket)")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(32)
     except OSError as e:
@@ -113,9 +118,15 @@ def _safetensors_header(path: str) -> tuple[dict[str, Any], dict[str, str]]:
             raise CheckpointError(f"{path}: safetensors header of {n} bytes is absurdly large")
         raw = f.read(n)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON: {e}") from e
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: safetensors header names {e.args[0]!r} twice") from e
+    except RecursionError as e:  # json recurses once per nesting level; "[[[[..." is no header anyway
+        raise CheckpointError(f"{path}: safetensors header is nested too deeply to be a header") from e
+    except ValueError as e:  # valid JSON that Python refuses to hold: an integer of over 4300 digits
+        raise CheckpointError(f"{path}: safetensors header cannot be read: {e}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -124,7 +135,37 @@ def _safetensors_header(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     data_len = size - 8 - n
     for name, entry in header.items():
         _check_entry(path, name, entry, data_len)
+    _check_layout(path, header, data_len)
     return header, meta
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal names silently; two tensors under one name is a damaged header.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_layout(path: str, header: dict[str, Any], data_len: int) -> None:
+    """The tensors tile the data section exactly, as the reference library requires: sorted by offset, each
+    starts where the previous ended, and the last ends at the end of the file."""
+    end, prev = 0, None
+    for name, entry in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        start, stop = entry["data_offsets"]
+        if start < end:
+            raise CheckpointError(f"{path}: safetensors entries {prev!r} and {name!r} overlap")
+        if start > end:
+            raise CheckpointError(f"{path}: safetensors data has a gap of {start - end} bytes before {name!r}")
+        end, prev = stop, name
+    if end != data_len:
+        raise CheckpointError(f"{path}: {data_len - end} bytes after the last safetensors tensor")
 
 
 def _check_entry(path: str, name: str, entry: Any, data_len: int) -> None:
@@ -134,7 +175,7 @@ def _check_entry(path: str, name: str, entry: Any, data_len: int) -> None:
     if not isinstance(entry, dict):
         raise bad("not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:  # a list or object is unhashable
         raise bad(f"unsupported dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
         raise bad(f"bad shape {shape!r}")
