@@ -294,3 +294,16 @@ def test_a_named_pipe_as_model_is_refused_not_waited_on(tmp_path: Path) -> None:
             [sys.executable, "-m", "stablekit", "info", str(path)], capture_output=True, text=True, timeout=60
         )
         assert run.returncode == 1 and "not a regular file" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("output", ["/proc/stablekit-test.png", "/dev/null/x.png"])
+def test_an_unwritable_output_fails_before_sampling(  # type: ignore[no-untyped-def]
+    model: Path, capsys, monkeypatch: pytest.MonkeyPatch, output: str
+) -> None:
+    # Also noticed in issue 10: the output path was checked only after sampling.
+    def fail(*_a: object, **_k: object) -> None:
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr("stablekit.cli.options.Pipeline.from_file", fail)
+    assert main(["generate", "x", "--model", str(model), "-o", output]) == 1
+    _one_line_error(capsys, "cannot ")

@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from stablekit.atomic import WriteError, check_writable
 from stablekit.images import load_image, save_png
 from stablekit.pipelines import DTYPES, Event, Generated, GenerationParams, Notice, Pipeline, Progress
 from stablekit.pipelines.params import Limits
@@ -87,6 +88,13 @@ def output_paths(output: str, count: int) -> list[Path]:
         raise ValueError(f"output must be a .png path, got {output!r}")
     if path.is_dir():
         raise ValueError(f"output {output!r} is a folder; give a file name ending in .png")
+    # Checked now, not after sampling: the folder is made (as saving would) and a file is created in it.
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True)
+    except OSError as e:
+        raise WriteError(f"cannot make the output folder {path.parent}: {e.strerror or e}") from e
+    check_writable(path)
     if count == 1:
         return [path]
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
