@@ -307,3 +307,31 @@ def test_an_unwritable_output_fails_before_sampling(  # type: ignore[no-untyped-
     monkeypatch.setattr("stablekit.cli.options.Pipeline.from_file", fail)
     assert main(["generate", "x", "--model", str(model), "-o", output]) == 1
     _one_line_error(capsys, "cannot ")
+
+
+@pytest.mark.parametrize(("prompt", "message"), [("a\x00b", "NUL character at position 1"), ("a\ud800", "surrogate")])
+def test_prompts_that_are_not_text_are_refused_before_sampling(  # type: ignore[no-untyped-def]
+    model: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch, prompt: str, message: str
+) -> None:
+    # An unpaired surrogate failed only after sampling, when the PNG text chunk was written.
+    out = tmp_path / "o.png"
+    for flag in ([], ["--negative", prompt]):
+        args = ["generate", "x" if flag else prompt, *flag, "--model", str(model), "-W", "64", "-H", "64"]
+        assert main([*args, "--steps", "1", "-o", str(out)]) == 1
+        _one_line_error(capsys, message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(  # type: ignore[no-untyped-def]
+    model: Path, tmp_path: Path, capsys, value: float
+) -> None:
+    def poison(state: dict[str, torch.Tensor]) -> None:
+        key = next(k for k in state if k.endswith("out.2.bias"))
+        state[key] = state[key].clone()
+        state[key][0] = value
+
+    path = _rewritten(model, tmp_path / "poisoned.safetensors", poison)
+    out = tmp_path / "o.png"
+    assert main(["generate", "x", "--model", str(path), "-W", "64", "-H", "64", "--steps", "1", "-o", str(out)]) == 1
+    _one_line_error(capsys, "out.2.bias holds 1 NaN or infinite value(s)")

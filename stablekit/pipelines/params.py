@@ -77,6 +77,13 @@ def _prompt_list(value: str | Sequence[str], what: str) -> list[str]:
     items = [value] if isinstance(value, str) else list(value)
     if not all(isinstance(p, str) for p in items):
         raise ValueError(f"{what} must be a string or a list of strings")
+    for text in items:
+        # Both would fail only at the end, writing the PNG's text chunk, or pass through C code as a cut string.
+        if "\x00" in text:
+            raise ValueError(f"{what} contains a NUL character at position {text.index(chr(0))}")
+        bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+        if bad is not None:
+            raise ValueError(f"{what} contains an unpaired surrogate (not valid Unicode text) at position {bad}")
     return items
 
 

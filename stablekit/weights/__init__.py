@@ -189,6 +189,9 @@ def build_model(
         if key in absent:
             t = torch.zeros(t.shape, dtype=fill if t.is_floating_point() else t.dtype)  # never read by SD
         if t.is_floating_point():
+            if key not in absent and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise WeightsError(f"{key} holds {bad} NaN or infinite value(s) of {t.numel()}: the file is damaged")
             ready[key] = t.to(device=device, dtype=dtype or t.dtype)
         else:
             # Integer buffers are tiny: copy them, so they do not keep a memory-mapped source file alive.
