@@ -20,12 +20,25 @@ from pathlib import Path
 import pytest
 
 
+def require(name: str) -> types.ModuleType:
+    """Import a reference library, failing (never skipping) when it is absent: a parity test that quietly
+    skips proves nothing, and `make install` puts every oracle in .venv."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        pytest.fail(f"test oracle {name!r} cannot be imported ({e}); run `make install`", pytrace=False)
+
+
 def _bare_open_clip() -> None:
     if "open_clip" in sys.modules:
         return
     spec = importlib.util.find_spec("open_clip")
     if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch==3.3.0)")
+        pytest.fail(
+            "test oracle open_clip_torch is not installed; run `make install` "
+            "(it installs open_clip_torch==3.3.0 with --no-deps)",
+            pytrace=False,
+        )
     package = types.ModuleType("open_clip")
     package.__path__ = list(spec.submodule_search_locations)
     sys.modules["open_clip"] = package
@@ -47,7 +60,7 @@ def _torchvision_stand_in() -> dict[str, types.ModuleType]:
 
 
 def open_clip_module(name: str) -> types.ModuleType:
-    """``open_clip.<name>`` (e.g. ``tokenizer``, ``transformer``), or skip the test if the wheel is absent."""
+    """``open_clip.<name>`` (e.g. ``tokenizer``, ``transformer``); the test fails if the wheel is absent."""
     _bare_open_clip()
     full = f"open_clip.{name}"
     if full in sys.modules:
@@ -66,7 +79,7 @@ def hf_clip_tokenizer(folder: Path, *, pad_token: str | None = None):  # type: i
     """A transformers ``CLIPTokenizer`` with vocab.json/merges.txt built from our shipped BPE file, as the
     Hub's openai/clip-vit-large-patch14 files are: 256 byte symbols, the same with ``</w>``, the merges
     joined, then the two specials (49408 in all). ``pad_token="!"`` gives the SD2 tokenizer."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from stablekit.text.tokenizer import _VOCAB_FILE
 
     bytes_to_unicode = open_clip_module("tokenizer").bytes_to_unicode

@@ -25,10 +25,11 @@ from stablekit.weights.load import write_safetensors
 from stablekit.weights.tables.text import diffusers_text_config
 from stablekit.weights.tables.unet import diffusers_unet_config
 from stablekit.weights.tables.vae import diffusers_vae_config
+from tests.oracles import require
 from tests.tiny import TINY
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers = require("diffusers")
+transformers = require("transformers")
 
 # OpenAI CLIP + conv projections; OpenCLIP + linear projections + v; label embedding, cross-attention-only
 # levels and a three-level VAE.

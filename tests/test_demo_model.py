@@ -91,5 +91,6 @@ def test_missing_demo_model_is_a_clear_error(
 
 def test_info_names_the_stored_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", str(stablekit.demo.MODEL)]) == 0
-    out = capsys.readouterr().out
-    assert "config:" in out and "demo" in out
+    rows = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines() if not line.startswith(" "))
+    # The config row, not the path row (which holds "demo" whatever the file says).
+    assert rows["config"].strip() == "demo"

@@ -23,10 +23,11 @@ from stablekit.weights.tables.text import (
 )
 from stablekit.weights.tables.unet import diffusers_unet_config, unet_table
 from stablekit.weights.tables.vae import diffusers_vae_config, vae_table
+from tests.oracles import require
 
 pytestmark = pytest.mark.slow
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers = require("diffusers")
+transformers = require("transformers")
 
 FAMILIES = [SD1, SD2_V]
 

@@ -17,11 +17,11 @@ from PIL import Image
 from stablekit.config import ModelConfig
 from stablekit.images import read_parameters
 from stablekit.pipelines import Generated, GenerationParams, Pipeline, Progress, generate, txt2img
-from tests.oracles import hf_clip_tokenizer
+from tests.oracles import hf_clip_tokenizer, require
 from tests.tiny import TINY_SD1, TINY_SD2_V
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers = require("diffusers")
+transformers = require("transformers")
 
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry, low quality"

@@ -48,11 +48,11 @@ from stablekit.pipelines import (
     upscale,
 )
 from stablekit.weights.midas import load_depth_model
-from tests.oracles import hf_clip_tokenizer
+from tests.oracles import hf_clip_tokenizer, require
 from tests.test_midas import _diffusers_fixture_config
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers = require("diffusers")
+transformers = require("transformers")
 
 PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry, low quality"

@@ -24,10 +24,10 @@ from stablekit.weights.tables.text import (
     text_table,
     with_text_model_prefix,
 )
-from tests.oracles import open_clip_module
+from tests.oracles import open_clip_module, require
 from tests.tiny import TINY_TEXT_SD1, TINY_TEXT_SD2
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 TOL = 1e-4
 
