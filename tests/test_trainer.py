@@ -256,3 +256,28 @@ def test_cli_trains_clip_vae_then_unet(tmp_path: Path, capsys: pytest.CaptureFix
     # A filter that drops every example is a one-line error, not a traceback.
     assert main([*unet, "--min-size", "1000"]) == 1
     assert "no usable examples" in capsys.readouterr().err
+
+
+def test_cli_skips_unreadable_samples_and_counts_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A caption that is not UTF-8 and one that is a named pipe cost their samples, not the run (which used to
+    abort naming no file, or hang); a manifest that cannot be read is one line naming it, exit status 1."""
+    import os
+
+    from stablekit.cli import main
+    from stablekit.config import DEMO
+    from stablekit.train.demo_data import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "data", 4, size=DEMO.default_size)
+    (data / "000001.txt").write_bytes(b"a caf\xe9 in Latin-1")
+    (data / "000002.txt").unlink()
+    os.mkfifo(data / "000002.txt")
+    common = ["--steps", "1", "--batch-size", "2", "--no-progress"]
+    assert main(["train", "vae", "--out", str(tmp_path / "vae"), "--data", str(data), *common]) == 0
+    out, err = capsys.readouterr()
+    assert "skipped 2 unreadable samples" in out
+    assert f"skipping {data / '000001.txt'}: not valid UTF-8" in err
+    assert f"skipping {data / '000002.txt'}: not a regular file" in err
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    assert main(["train", "vae", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "pipe.jsonl"), *common]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "pipe.jsonl") in err and "not a regular file" in err

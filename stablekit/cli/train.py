@@ -140,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
     data = open_dataset(args.data, size=size, filters=filters)
     print(f"stablekit train {args.stage}: {len(data)} examples; {json.dumps(data.report())}", file=sys.stderr)
     summary = Trainer(stage, data, cfg, args.out, collate=collate).fit(resume=args.resume)
+    # Open-time skips are the same in every (resumed) run; load-time ones are those this process met.
     print(
         f"{summary.steps} steps ({summary.precision}) in {summary.seconds:.0f} s, final loss {summary.final_loss:.4g}; "
-        f"wrote {', '.join(str(p) for p in summary.exported)}"
+        f"skipped {data.skipped()} unreadable samples; wrote {', '.join(str(p) for p in summary.exported)}"
     )
     return 0

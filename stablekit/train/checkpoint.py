@@ -3,7 +3,8 @@
 A checkpoint is ``torch.save`` of plain containers and tensors (so it loads with ``weights_only=True``):
 written to a temporary name in the same folder, flushed and fsynced, then renamed over its final name, and the
 folder is fsynced so the rename itself survives a crash. Resume only considers final names, newest first, and
-skips any file that does not load, so neither a half-written temporary file nor a damaged final file is used.
+skips any file that does not load, so neither a half-written temporary file nor a damaged final file is used. A
+process killed mid-write leaves its temporary file behind; the next run removes it when it starts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 _NAME = re.compile(r"ckpt-(\d{8})\.pt")
+_TMP = re.compile(r"\.ckpt-\d{8}\.pt\.tmp-(\d+)")  # atomic_save's temporary name: the writer's process id
 
 
 def checkpoint_path(folder: str | Path, step: int) -> Path:
@@ -75,6 +77,39 @@ def newest_checkpoint(folder: str | Path) -> tuple[Path, dict[str, Any]] | None:
         except Exception as e:  # a damaged file of any kind: fall back to the one before it
             print(f"stablekit train: skipping unreadable checkpoint {path.name}: {e}", file=sys.stderr)
     return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process ``pid`` runs here. This process's own id is a dead writer's: a run removes
+    leftovers before it writes anything, and a restarted run can be given its killed predecessor's id."""
+    if pid == os.getpid() or sys.platform == "win32":  # os.kill(pid, 0) would terminate the process on Windows
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    return True
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Remove the temporary files of checkpoint writes that never finished (``.ckpt-*.pt.tmp-PID`` of a process
+    no longer running): resume never reads them, but each is a checkpoint's size and restarts would pile them up.
+    Returns what was removed; a file that cannot be removed (in use on Windows) stays for a later run."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = _TMP.fullmatch(p.name)
+        if m is not None and not _alive(int(m.group(1))):
+            try:
+                p.unlink()
+            except OSError:
+                continue
+            removed.append(p)
+    return removed
 
 
 def prune_checkpoints(folder: str | Path, keep: int) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from stablekit.atomic import replacing_file
+
 _W, _H, _PAD = 640, 360, 48
 
 
@@ -49,4 +51,6 @@ def plot_loss(steps: Sequence[int], losses: Sequence[float], path: str | Path, *
         draw.text((_W - _PAD - 60, _H - _PAD + 8), f"step {x1}", fill="black")
         if log:
             draw.text((_W - _PAD - 60, 12), "log scale", fill="black")
-    img.save(path)
+    # Under a temporary name: a run killed mid-save must not leave half a PNG (a run resumed at its end draws none).
+    with replacing_file(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,11 +32,13 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from stablekit.atomic import replacing_file
 from stablekit.train.checkpoint import (
     atomic_save,
     checkpoint_path,
     newest_checkpoint,
     prune_checkpoints,
+    remove_leftovers,
     rng_state,
     set_rng_state,
 )
@@ -294,13 +297,18 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> Summary:
         cfg, main = self.cfg, self.rank == 0
-        if resume:
-            self.resume()
-        elif newest_checkpoint(self.ckpt_dir) is not None:
+        if not resume and newest_checkpoint(self.ckpt_dir) is not None:
             # A fresh run would interleave its checkpoints with the old run's, and a later resume could pick those.
             raise ValueError(f"{self.ckpt_dir} holds checkpoints of an earlier run: resume it, or use another folder")
+        if not (resume and self.resume()):
+            # Python's and numpy's global states start from os.urandom in each process; seeded, two runs of one
+            # config save (and their resumed runs restore) the same states. torch's is the caller's: it seeded it
+            # before drawing the initial weights.
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed % 2**32)
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._remove_leftovers()
             self._trim_log()
         bar = tqdm(
             total=cfg.steps,
@@ -352,12 +360,30 @@ class Trainer:
     def _read_log(self) -> list[dict[str, Any]]:
         if not self.log_path.exists():
             return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # half a line, left by a crash mid-append (power loss, a full disk)
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
 
     def _trim_log(self) -> None:
-        """Drop lines past the step resumed from: they belong to the interrupted run's lost steps."""
+        """Drop lines past the step resumed from (they belong to the interrupted run's lost steps) and torn ones.
+        Rewritten under a temporary name: a run killed here must not lose the log of the steps it keeps."""
         rows = [r for r in self._read_log() if r["step"] <= self.step]
-        self.log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with replacing_file(self.log_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def _remove_leftovers(self) -> None:
+        """Temporary files of writes a killed process never finished: checkpoints (see ``remove_leftovers``) and
+        exports, the log and the plot (``stablekit.atomic``'s ``.NAME.*.partial``). Only this run writes here."""
+        remove_leftovers(self.ckpt_dir)
+        for p in self.out.glob(".*.partial"):
+            with contextlib.suppress(OSError):
+                p.unlink()
 
     def elapsed(self) -> float:
         """Training wall time so far, over this run and every run it resumed."""
