@@ -1,29 +1,38 @@
-# Two entry points (see README): `make test`, and `make install` before running `stablekit`.
+# Two entry points (see README): `make install` (what running `stablekit` needs) and `make test` (that, the
+# test oracles and tools, then lint, types and the suite).
 # The CPU build of torch is installed first and pinned, so nothing later can pull a multi-GB CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint fast slow
+.PHONY: install install-test test lint fast slow
 
+# What running stablekit needs, and no more.
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# The test oracles and tools (diffusers, transformers, open_clip, ruff, mypy, hypothesis) on top.
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# open_clip is a test oracle only (tokenizer, text tower); --no-deps because its torchvision dependency
 	# would replace the CPU torch. Tests load its modules without running its package __init__.
 	$(BIN)/python -m pip install --quiet --no-deps open_clip_torch==3.3.0
 	touch $@
 
-lint: install
+lint: install-test
 	$(BIN)/ruff check stablekit tests benchmarks
 	$(BIN)/ruff format --check stablekit tests benchmarks
 	$(BIN)/mypy
 
-test: install lint
+test: install-test lint
 	$(BIN)/pytest -q
 
-slow: install
+slow: install-test
 	$(BIN)/pytest -q -m slow
