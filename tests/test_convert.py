@@ -20,8 +20,9 @@ from stablekit.cli import info as info_cmd
 from stablekit.config import ModelConfig
 from stablekit.models.ldm import LatentDiffusion
 from stablekit.weights import CheckpointError, load_model, read_state_dict, save_model
-from stablekit.weights.diffusers import schedule_to_diffusers, write_tokenizer
+from stablekit.weights.diffusers import write_tokenizer
 from stablekit.weights.load import write_safetensors
+from stablekit.weights.schedulers import schedule_to_diffusers
 from stablekit.weights.tables.text import diffusers_text_config
 from stablekit.weights.tables.unet import diffusers_unet_config
 from stablekit.weights.tables.vae import diffusers_vae_config

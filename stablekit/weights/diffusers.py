@@ -19,14 +19,20 @@ from torch import Tensor
 from stablekit.config import (
     PRESETS,
     ModelConfig,
-    Prediction,
-    ScheduleConfig,
     TextConfig,
 )
 from stablekit.text.tokenizer import EOT, _load_vocab
 from stablekit.weights.convert import WeightsError, from_original, to_original
 from stablekit.weights.detect import TEXT, UNET, VAE, family_from
 from stablekit.weights.load import CheckpointError, read_checkpoint, write_safetensors
+from stablekit.weights.schedulers import (
+    DIFFUSERS_VERSION,
+    PREDICTIONS,
+    SCHEDULER_CLASSES,
+    sampler_from_diffusers,
+    schedule_from_diffusers,
+    schedule_to_diffusers,
+)
 from stablekit.weights.tables.text import (
     diffusers_text_config,
     text_config_from_diffusers,
@@ -42,9 +48,6 @@ from stablekit.weights.tables.vae import (
     vae_table,
 )
 
-# Written into the configs we produce; the folder layout has been stable since 0.14.
-DIFFUSERS_VERSION = "0.30.0"
-
 _WEIGHT_NAMES = {
     "unet": ("diffusion_pytorch_model",),
     "vae": ("diffusion_pytorch_model",),
@@ -58,11 +61,8 @@ _PIPELINES = {
     "depth": "StableDiffusionDepth2ImgPipeline",
     "upscale": "StableDiffusionUpscalePipeline",
 }
-_SCHEDULER_CLASSES = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler"}
-_SAMPLERS = {cls: name for name, cls in _SCHEDULER_CLASSES.items()}
 # Component folder -> original-layout key prefix.
 _PREFIXES = {"unet": UNET, "vae": VAE, "text_encoder": TEXT}
-_PREDICTIONS: dict[str, Prediction] = {"epsilon": "eps", "v_prediction": "v"}
 
 
 @dataclass
@@ -107,52 +107,6 @@ def _weights_file(folder: str, component: str) -> str:
     )
 
 
-def schedule_from_diffusers(d: Mapping[str, Any], base: ScheduleConfig) -> ScheduleConfig:
-    """A ``scheduler_config.json``; betas it lacks keep ``base``'s values, sampler settings the class default."""
-    prediction = d.get("prediction_type", "epsilon")
-    if prediction not in _PREDICTIONS:
-        raise CheckpointError(f"scheduler prediction_type {prediction!r} is not supported (epsilon or v_prediction)")
-    schedule = d.get("beta_schedule", base.beta_schedule)
-    if schedule not in ("scaled_linear", "linear"):
-        raise CheckpointError(f"scheduler beta_schedule {schedule!r} is not supported")
-    spacing = d.get("timestep_spacing")
-    if spacing not in (None, "leading", "trailing", "linspace"):
-        raise CheckpointError(f"scheduler timestep_spacing {spacing!r} is not supported")
-    return replace(
-        base,
-        beta_start=float(d.get("beta_start", base.beta_start)),
-        beta_end=float(d.get("beta_end", base.beta_end)),
-        beta_schedule=schedule,
-        num_train_timesteps=int(d.get("num_train_timesteps", base.num_train_timesteps)),
-        prediction=_PREDICTIONS[prediction],
-        timestep_spacing=spacing,
-        steps_offset=int(d.get("steps_offset", 0)),
-        # DDIM's and PNDM's class default; SD configs always say false.
-        set_alpha_to_one=bool(d.get("set_alpha_to_one", d.get("_class_name") in _SAMPLERS)),
-        rescale_betas_zero_snr=bool(d.get("rescale_betas_zero_snr", False)),
-    )
-
-
-def schedule_to_diffusers(s: ScheduleConfig, class_name: str) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "_class_name": class_name,
-        "_diffusers_version": DIFFUSERS_VERSION,
-        "beta_start": s.beta_start,
-        "beta_end": s.beta_end,
-        "beta_schedule": s.beta_schedule,
-        "num_train_timesteps": s.num_train_timesteps,
-        "prediction_type": "v_prediction" if s.prediction == "v" else "epsilon",
-        "steps_offset": s.steps_offset,
-        "set_alpha_to_one": s.set_alpha_to_one,
-        "clip_sample": False,
-        "skip_prk_steps": True,
-        "rescale_betas_zero_snr": s.rescale_betas_zero_snr,
-    }
-    if s.timestep_spacing is not None:
-        d["timestep_spacing"] = s.timestep_spacing
-    return d
-
-
 def _to_original(component: str, state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     if component == "unet":
         return to_original(state, unet_table(cfg.unet))
@@ -173,19 +127,8 @@ def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelCon
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{folder}: {e}") from e
     sched = _json(os.path.join(folder, "scheduler", "scheduler_config.json"))
-    preset = PRESETS[family_from(unet, text, _PREDICTIONS.get(sched.get("prediction_type", "epsilon"), "eps"))]
-    sampler = _SAMPLERS.get(sched.get("_class_name", ""))
-    if sched.get("_class_name") == "DDIMScheduler" and sched.get("clip_sample", True):
-        # The class default is on; released SD configs all switch it off. Never silently different from diffusers.
-        notes.append(
-            "scheduler clip_sample is on (x̂₀ clipped to [-1, 1] by diffusers' DDIM); stablekit does not clip, "
-            "so DDIM images from this folder differ from diffusers'"
-        )
-    if sampler is None:
-        notes.append(
-            f"scheduler class {sched.get('_class_name')!r} has no stablekit sampler of the same kind; "
-            f"default sampler {preset.default_sampler}"
-        )
+    preset = PRESETS[family_from(unet, text, PREDICTIONS.get(sched.get("prediction_type", "epsilon"), "eps"))]
+    sampler = sampler_from_diffusers(sched, preset.default_sampler, notes)
     low_res = preset.low_res_schedule
     if low_res is not None and os.path.isfile(p := os.path.join(folder, "low_res_scheduler", "scheduler_config.json")):
         low_res = schedule_from_diffusers(_json(p), low_res)
@@ -202,7 +145,7 @@ def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelCon
         schedule=schedule_from_diffusers(sched, preset.schedule),
         low_res_schedule=low_res,
         default_size=size,
-        default_sampler=sampler or preset.default_sampler,
+        default_sampler=sampler,
         max_noise_level=int(index.get("max_noise_level", preset.max_noise_level)),
     )
 
@@ -307,7 +250,7 @@ def write_folder(
     folder = os.fspath(path)
     if config.text.kind == "openai" and config.text.pad_token != EOT:
         raise WeightsError("an OpenAI-CLIP tokenizer folder can only pad with <|endoftext|>")
-    sampler = _SCHEDULER_CLASSES.get(config.default_sampler, "DDIMScheduler")
+    sampler = SCHEDULER_CLASSES.get(config.default_sampler, "DDIMScheduler")
     index: dict[str, Any] = {
         "_class_name": _PIPELINES[config.conditioning],
         "_diffusers_version": DIFFUSERS_VERSION,
