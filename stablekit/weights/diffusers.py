@@ -22,9 +22,10 @@ from stablekit.config import (
     TextConfig,
 )
 from stablekit.text.tokenizer import EOT, _load_vocab
+from stablekit.weights.components import read_weights
 from stablekit.weights.convert import WeightsError, from_original, to_original
 from stablekit.weights.detect import TEXT, UNET, VAE, family_from
-from stablekit.weights.load import CheckpointError, read_checkpoint, write_safetensors
+from stablekit.weights.load import CheckpointError, write_safetensors
 from stablekit.weights.schedulers import (
     DIFFUSERS_VERSION,
     PREDICTIONS,
@@ -53,7 +54,6 @@ _WEIGHT_NAMES = {
     "vae": ("diffusion_pytorch_model",),
     "text_encoder": ("model", "pytorch_model"),
 }
-_SUFFIXES = (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin")
 
 _PIPELINES = {
     "txt2img": "StableDiffusionPipeline",
@@ -92,19 +92,6 @@ def _json(path: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return d
-
-
-def _weights_file(folder: str, component: str) -> str:
-    sub = os.path.join(folder, component)
-    for stem in _WEIGHT_NAMES[component]:
-        for suffix in _SUFFIXES:
-            if os.path.isfile(p := os.path.join(sub, stem + suffix)):
-                return p
-    if any(name.endswith(".index.json") for name in os.listdir(sub)):
-        raise CheckpointError(f"{sub}: sharded weights are not supported")
-    raise CheckpointError(
-        f"{sub}: no weights file ({', '.join(s + x for s in _WEIGHT_NAMES[component] for x in _SUFFIXES)})"
-    )
 
 
 def _to_original(component: str, state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -150,8 +137,9 @@ def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelCon
     )
 
 
-def read_folder(path: str | os.PathLike[str]) -> DiffusersFolder:
-    """Read a diffusers Stable Diffusion folder; tensors come back under original-layout keys."""
+def read_folder(path: str | os.PathLike[str], *, variant: str | None = None) -> DiffusersFolder:
+    """Read a diffusers Stable Diffusion folder; tensors come back under original-layout keys. ``variant``
+    (e.g. ``"fp16"``) picks ``*.fp16.safetensors`` weights, as diffusers' ``variant=`` does."""
     folder = os.fspath(path)
     index = _json(os.path.join(folder, "model_index.json"))
     missing = [c for c in (*_PREFIXES, "scheduler") if c not in index]
@@ -162,16 +150,14 @@ def read_folder(path: str | os.PathLike[str]) -> DiffusersFolder:
     tensors: dict[str, Tensor] = {}
     files: list[str] = []
     for component, prefix in _PREFIXES.items():
-        file = _weights_file(folder, component)
-        ckpt = read_checkpoint(file)
-        assert ckpt.tensors is not None
-        files.append(file)
+        got = read_weights(os.path.join(folder, component), _WEIGHT_NAMES[component], variant)
+        files += got.files
         try:
-            renamed = _to_original(component, ckpt.tensors, config)
+            renamed = _to_original(component, got.tensors, config)
         except WeightsError as e:
-            raise WeightsError(f"{file}: {e}") from e
+            raise WeightsError(f"{os.path.join(folder, component)}: {e}") from e
         tensors |= {prefix + k: t for k, t in renamed.items()}
-        notes += [f"{os.path.relpath(file, folder)}: {n}" for n in ckpt.notes]
+        notes += [f"{component}: {n}" for n in got.notes]
     used = {*_PREFIXES, "tokenizer", "scheduler", "low_res_scheduler"}
     extra = sorted(k for k, v in index.items() if k not in used and isinstance(v, list) and v and v[0])
     if extra:
