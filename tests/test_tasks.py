@@ -4,6 +4,7 @@ decode fallback, UNet tiling) and what the tasks mean on the demo model."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,16 @@ def test_inpainting_changes_the_mask_and_keeps_the_rest(demo: Pipeline) -> None:
     round_trip = np.abs(((rt[0].permute(1, 2, 0).numpy() + 1) * 127.5).round() - a)
     assert np.abs(got - a)[far].max() <= round_trip[far].max() + 8
     assert np.abs(got - a)[far].mean() <= 2 * round_trip[far].mean() + 1
+
+
+def test_explicit_seeds_give_each_image_its_own_requests_image(tiny: Pipeline) -> None:
+    # How the server batches requests: one UNet batch, each image with its own request's seed and prompt.
+    base = GenerationParams("x", width=64, height=64, steps=3, guidance_scale=5.0, sampler="euler_a")
+    alone = [collect(txt2img(tiny, replace(base, prompt=p, seed=s)))[0] for p, s in (("a cat", 7), ("a dog", 3))]
+    together = collect(txt2img(tiny, replace(base, prompt=["a cat", "a dog"], seeds=[7, 3])))
+    assert len(together) == 2
+    for a, b in zip(alone, together, strict=True):
+        diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max()
+        assert diff <= 1, diff  # batched matmuls may round differently in the last bit
+    with pytest.raises(ValueError, match="one per image"):
+        collect(txt2img(tiny, replace(base, seeds=[1, 2])))

@@ -49,6 +49,9 @@ class GenerationParams:
     batch_count: int = 1
     sampler: str | None = None  # None: the family's default (from the released scheduler configs)
     sampler_options: dict[str, Any] = field(default_factory=dict)
+    # One seed per image of a single batch, in place of ``seed``: how a server runs several requests as one UNet
+    # batch while each image keeps the seed (and so the image) its own request would have had.
+    seeds: Sequence[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class Resolved:
     negatives: list[str]
     batch_count: int
     sampler_options: dict[str, Any]
+    explicit_seeds: tuple[int, ...] | None = None  # GenerationParams.seeds
 
     @property
     def per_batch(self) -> int:
@@ -70,6 +74,8 @@ class Resolved:
 
     def seeds(self, batch: int) -> list[int]:
         """Image i of batch b uses seed + b·per_batch + i, so an image's seed names it in any batch layout."""
+        if self.explicit_seeds is not None:
+            return list(self.explicit_seeds)
         return [self.seed + batch * self.per_batch + i for i in range(self.per_batch)]
 
 
@@ -145,6 +151,14 @@ def resolve(
     elif len(negatives) != len(prompts):
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts: give one, or one per prompt")
     per_image = [(q, n) for q, n in zip(prompts, negatives, strict=True) for _ in range(batch_size)]
+    explicit = None
+    if p.seeds is not None:
+        explicit = tuple(_integer("seed", s) for s in p.seeds)
+        if batch_count != 1 or len(explicit) != per_batch:
+            raise ValueError(f"{len(explicit)} seeds for {per_batch} images in {batch_count} batch(es): one per image")
+        if not all(0 <= s <= MAX_SEED for s in explicit):
+            raise ValueError(f"seeds must be in [0, {MAX_SEED}]")
+        seed = explicit[0]
     return Resolved(
         width,
         height,
@@ -156,4 +170,5 @@ def resolve(
         [n for _, n in per_image],
         batch_count,
         dict(p.sampler_options),
+        explicit,
     )
