@@ -7,9 +7,7 @@ for identical decoded tensors. Resizing uses PIL's Lanczos filter, as diffusers'
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+import io
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 from torch import Tensor
+
+from stablekit.atomic import replacing_file
 
 # An input larger than this is refused from its header, before a pixel is decoded: a small file that declares a
 # huge canvas (a decompression bomb) must not take the machine's memory. 8192x8192 is far above any SD input.
@@ -38,27 +38,40 @@ def load_image(path: str | Path, *, what: str = "image", max_pixels: int = MAX_I
         raise ImageError(f"{what} {str(path)!r} does not exist")
     if not path.is_file():
         raise ImageError(f"{what} {str(path)!r} is not a file")
+    return _decode(path, f"{what} {str(path)!r}", max_pixels)
+
+
+def decode_image(data: bytes, *, what: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
+    """:func:`load_image` for bytes already in memory (an upload, a base64 field), with the same rules."""
+    return _decode(io.BytesIO(data), what, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=INPUT_FORMATS) as im:
+            with Image.open(source, formats=INPUT_FORMATS) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise ImageError(f"{what} {str(path)!r} is {w}x{h}, over the {max_pixels:,}-pixel limit for inputs")
+                    raise ImageError(f"{name} is {w}x{h}, over the {max_pixels:,}-pixel limit for inputs")
                 im.load()
                 image = ImageOps.exif_transpose(im)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # PIL's own guard fires at open for canvases far above ours; the same refusal, worded the same way.
-        raise ImageError(f"{what} {str(path)!r} is over the {max_pixels:,}-pixel limit for inputs ({e})") from e
+        raise ImageError(f"{name} is over the {max_pixels:,}-pixel limit for inputs ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageError(f"{what} {str(path)!r} is not a readable image: inputs must be PNG, JPEG or WebP") from e
+        raise ImageError(f"{name} is not a readable image: inputs must be PNG, JPEG or WebP") from e
     except (OSError, SyntaxError, ValueError) as e:
         # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError from deep in a decoder.
-        raise ImageError(f"{what} {str(path)!r} is corrupt or truncated ({e})") from e
+        raise ImageError(f"{name} is corrupt or truncated ({e})") from e
+    except MemoryError as e:
+        # PIL allocates what a chunk header declares before reading it (a 2 GB IDAT in a 140-byte PNG); under a
+        # memory limit that fails here, and the file, not the machine, is at fault.
+        raise ImageError(f"{name} declares more data than there is memory to read it") from e
     if image.width < 1 or image.height < 1:
-        raise ImageError(f"{what} {str(path)!r} is empty ({image.width}x{image.height})")
+        raise ImageError(f"{name} is empty ({image.width}x{image.height})")
     return image
 
 
@@ -147,16 +160,8 @@ def save_png(image: Image.Image, path: str | Path, parameters: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the image from other users; 0644 is a plain write's
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with replacing_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
