@@ -7,13 +7,13 @@ BIN := $(VENV)/bin
 
 .PHONY: install install-test test lint fast slow
 
-# What running stablekit needs, and no more.
+# What running stablekit needs (its server included), and no more.
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[serve]'
 	touch $@
 
 # The test oracles and tools (diffusers, transformers, open_clip, ruff, mypy, hypothesis) on top.

@@ -12,7 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("generate", "img2img", "inpaint", "depth2img", "upscale", "info", "convert", "samplers", "train")
+COMMANDS = ("generate", "img2img", "inpaint", "depth2img", "upscale", "info", "convert", "samplers", "train", "serve")
 
 
 class UserError(Exception):

@@ -1,0 +1,71 @@
+"""The HTTP application: routes from each API module over one :class:`~stablekit.serve.service.Service`.
+
+``GET /`` and ``GET /health`` answer without a key (load balancers and Azure's probes call them); every other
+route requires the API key when one is set. No CORS headers are sent unless origins are configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from stablekit.serve import native, score
+from stablekit.serve.http import ApiError, check_api_key, error_response
+from stablekit.serve.service import Service
+
+
+def create_app(service: Service) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        service.worker.start()
+        try:
+            yield
+        finally:
+            service.worker.stop()
+
+    app = FastAPI(title="stablekit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    if service.settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(service.settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        return error_response(400, f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    async def authorized(request: Request) -> None:
+        check_api_key(request, service.settings.api_key)
+
+    @app.get("/", response_class=PlainTextResponse)
+    async def root() -> str:
+        return "Healthy"  # what Azure ML's inference server answers at its liveness route
+
+    @app.get("/health")
+    async def health() -> dict[str, object]:
+        worker = service.worker
+        return {"status": "ok", "model": service.model_name, "queued": worker.queued(), "running": len(worker.running)}
+
+    guarded = [Depends(authorized)]
+    app.include_router(score.router(service), dependencies=guarded)
+    app.include_router(native.router(service), dependencies=guarded)
+    return app
