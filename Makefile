@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test test lint fast slow
+.PHONY: install install-test install-azureml test lint fast slow
 
 # What running stablekit needs (its server included), and no more.
 install: $(VENV)/.installed
@@ -26,12 +26,25 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --no-deps open_clip_torch==3.3.0
 	touch $@
 
+# Microsoft's Azure ML inference server, to run the entry script as Azure does. It pins pydantic and
+# opentelemetry below what FastAPI needs, so it gets its own environment; stablekit and torch come from .venv
+# through a site directory added after this environment's own, so the server's pins win here.
+AZ_VENV ?= .venv-azureml
+install-azureml: $(AZ_VENV)/.installed
+
+$(AZ_VENV)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(AZ_VENV)
+	$(AZ_VENV)/bin/python -m pip install --quiet azureml-inference-server-http==1.5.1
+	$(AZ_VENV)/bin/python -c 'import sys, sysconfig; open(sysconfig.get_paths()["purelib"] + "/zz_stablekit.pth", "w").write("import site; site.addsitedir(%r)\n" % sys.argv[1])' \
+		"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+	touch $@
+
 lint: install-test
 	$(BIN)/ruff check stablekit tests benchmarks
 	$(BIN)/ruff format --check stablekit tests benchmarks
 	$(BIN)/mypy
 
-test: install-test lint
+test: install-test install-azureml lint
 	$(BIN)/pytest -q
 
 slow: install-test

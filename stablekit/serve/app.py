@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stablekit.serve import native, score
-from stablekit.serve.http import ApiError, check_api_key, error_response
+from stablekit.serve.http import check_api_key, error_response
 from stablekit.serve.service import Service
+from stablekit.serve.wire import ApiError
 
 
 def create_app(service: Service) -> FastAPI:

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from stablekit.pipelines import GenerationParams
-from stablekit.serve.http import ApiError, validate
+from stablekit.serve.wire import ApiError, validate
 
 COLUMNS = ("prompt", "negative_prompt")
 

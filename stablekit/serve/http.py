@@ -1,47 +1,21 @@
-"""What every route shares: strict JSON bodies, errors as JSON naming the problem, the API key, base64 images.
-
-Python's ``json`` accepts ``NaN`` and ``Infinity``, which are not JSON; a body holding them is refused. Bodies are
-read with a size cap (413 past it, checked against ``Content-Length`` first and while streaming). Image fields
-hold base64 or a ``data:image/...;base64,`` URL; a URL of any other kind is refused, never fetched.
-"""
+"""What every HTTP route shares: bodies read under a size cap (413 past it, checked against ``Content-Length``
+first and while streaming) as strict JSON, errors answered as JSON naming the problem, and the API key."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hmac
-import io
-import json
-import re
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from PIL import Image, PngImagePlugin
-from pydantic import BaseModel, ValidationError
 
-from stablekit.images import ImageError, decode_image
-
-M = TypeVar("M", bound=BaseModel)
-
-_DATA_URL = re.compile(r"data:(?P<type>[\w.+/-]*)(?:;[\w=.-]+)*;base64,", re.IGNORECASE)
-_IMAGE_TYPES = {"image/png", "image/jpeg", "image/jpg", "image/webp"}
-
-
-class ApiError(Exception):
-    """Answered as ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
+from stablekit.serve.wire import ApiError, loads
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
@@ -56,34 +30,12 @@ async def read_json(request: Request, max_bytes: int) -> Any:
             raise ApiError(413, f"the body is over the limit of {max_bytes:,} bytes (--max-body-bytes)")
         chunks.append(chunk)
     body = b"".join(chunks)
-    if not body.strip():
-        raise ApiError(400, "the body is empty; send a JSON object")
     try:
         # Decoded as UTF-8 first: json.loads would guess UTF-16/32 from the first bytes.
-        return json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the body is not UTF-8 text: {e.reason}") from e
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"the body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    except ValueError as e:  # NaN / Infinity, or an integer of more digits than Python converts
-        raise ApiError(400, f"the body is not valid JSON: {e}") from e
-    except RecursionError as e:
-        raise ApiError(400, "the body is nested too deeply") from e
-
-
-def _where(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "body"
-
-
-def validate(model: type[M], data: Any) -> M:
-    """``data`` as ``model``; a 400 naming the first bad field (and how many more there are)."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        errors = e.errors(include_url=False)
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ApiError(400, f"{_where(first['loc'])}: {first['msg']}{more}") from e
+    return loads(text)
 
 
 def check_api_key(request: Request, key: str | None) -> None:
@@ -103,38 +55,3 @@ def check_api_key(request: Request, key: str | None) -> None:
             given = ""
     if not hmac.compare_digest(given.encode("utf-8"), key.encode("utf-8")):
         raise ApiError(401, "a valid API key is required", {"WWW-Authenticate": 'Bearer realm="stablekit"'})
-
-
-def image_field(value: str, field: str, max_pixels: int) -> Image.Image:
-    """A base64 image field, decoded under the input rules (PNG, JPEG or WebP; the pixel limit)."""
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, f"{field}: expected a base64-encoded image")
-    text = value.strip()
-    if re.match(r"[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
-        raise ApiError(400, f"{field}: URLs are not fetched; send the image itself, base64-encoded")
-    if text[:5].lower() == "data:":
-        m = _DATA_URL.match(text)
-        if m is None:
-            raise ApiError(400, f"{field}: a data URL must be data:image/png|jpeg|webp;base64,...")
-        if m.group("type").lower() not in _IMAGE_TYPES:
-            raise ApiError(400, f"{field}: data URL of type {m.group('type')!r}; send image/png, jpeg or webp")
-        text = text[m.end() :]
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ApiError(400, f"{field}: not valid base64 ({e})") from e
-    try:
-        return decode_image(data, what=field, max_pixels=max_pixels)
-    except ImageError as e:
-        raise ApiError(400, str(e)) from e
-
-
-def png_base64(image: Image.Image, parameters: str | None = None) -> str:
-    """A PNG (with its ``parameters`` text chunk) as base64: how every route returns images."""
-    buf = io.BytesIO()
-    info = None
-    if parameters is not None:
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", parameters)
-    image.save(buf, format="PNG", pnginfo=info)
-    return base64.b64encode(buf.getvalue()).decode("ascii")

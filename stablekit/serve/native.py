@@ -20,10 +20,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 
 from stablekit.pipelines import GenerationParams
-from stablekit.serve.http import ApiError, image_field, png_base64, read_json, validate
+from stablekit.serve.http import read_json
 from stablekit.serve.jobs import Job
 from stablekit.serve.service import Service
 from stablekit.serve.tasks import Inputs, input_size, runner
+from stablekit.serve.wire import ApiError, image_field, png_base64, validate
 
 
 class JobRequest(BaseModel):

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Request
 
 from stablekit.pipelines import txt2img
 from stablekit.serve import azure
-from stablekit.serve.http import png_base64, read_json
+from stablekit.serve.http import read_json
 from stablekit.serve.service import Service
+from stablekit.serve.wire import png_base64
 
 
 def router(service: Service) -> APIRouter:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from stablekit.pipelines import GenerationParams, Pipeline
-from stablekit.serve.http import ApiError
 from stablekit.serve.jobs import Job, Runner
+from stablekit.serve.wire import ApiError
 from stablekit.serve.worker import QueueFull, Worker, WorkerSettings
 
 

@@ -18,8 +18,8 @@ from stablekit.pipelines import (
     upscale,
 )
 from stablekit.pipelines.inputs import default_size
-from stablekit.serve.http import ApiError
 from stablekit.serve.jobs import Runner
+from stablekit.serve.wire import ApiError
 
 TASKS = ("txt2img", "img2img", "inpaint", "depth2img", "upscale")
 
