@@ -8,7 +8,7 @@ Values come from the released CompVis/Stability inference YAMLs, summarised with
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 Prediction = Literal["eps", "v"]
 Conditioning = Literal["txt2img", "inpaint", "depth", "upscale"]
@@ -80,14 +80,23 @@ class TextConfig:
     width: int = 768
     layers: int = 12
     heads: int = 12
-    mlp_ratio: int = 4
+    # The MLP's hidden width (transformers' ``intermediate_size``): 4 x width in both released towers, anything in
+    # diffusers' test fixtures (37 for width 32).
+    mlp_width: int = 3072
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
     # Transformer layers actually run: all for SD1 ("last"), all but one for SD2 ("penultimate").
     # The final LayerNorm is applied to that output in both cases.
     layers_used: int = 12
     pad_token: int = 49407
     # Width of ``text_projection`` (OpenCLIP only; loaded for strict key parity, unused by SD).
     embed_dim: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.heads < 1 or self.width % self.heads:
+            raise ValueError(f"TextConfig: width {self.width} does not split into {self.heads} heads")
+        if not 1 <= self.layers_used <= self.layers:
+            raise ValueError(f"TextConfig: layers_used {self.layers_used} is not in 1..{self.layers}")
 
 
 @dataclass(frozen=True)
@@ -120,11 +129,19 @@ class ModelConfig:
     conditioning: Conditioning = "txt2img"
     default_size: int = 512
     default_sampler: str = "pndm"
+    # The scheduler config's settings for that sampler, as (option, value) pairs (e.g. (("karras", True),) for
+    # EulerDiscreteScheduler with use_karras_sigmas): used only when no sampler is named.
+    default_sampler_options: tuple[tuple[str, Any], ...] = ()
     default_steps: int = 50
     default_guidance: float = 7.5
     # x4 upscaler: the low-res image is noised with its own schedule before concatenation.
     low_res_schedule: ScheduleConfig | None = None
     max_noise_level: int = 350
+
+    def __post_init__(self) -> None:
+        # A config read back from JSON (a file's metadata) has lists for the pairs; keep the field hashable.
+        pairs = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in self.default_sampler_options)
+        object.__setattr__(self, "default_sampler_options", pairs)
 
     def with_prediction(self, prediction: Prediction) -> ModelConfig:
         return replace(self, schedule=replace(self.schedule, prediction=prediction))
@@ -132,7 +149,7 @@ class ModelConfig:
 
 OPENAI_CLIP_L = TextConfig()
 OPENCLIP_H = TextConfig(
-    kind="openclip", width=1024, layers=24, heads=16, activation="gelu", layers_used=23, pad_token=0
+    kind="openclip", width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu", layers_used=23, pad_token=0
 )
 SD_VAE = VAEConfig()
 
@@ -198,7 +215,7 @@ DEMO = ModelConfig(
         norm_groups=16,
     ),
     vae=VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, norm_groups=8),
-    text=TextConfig(width=64, layers=3, heads=4, layers_used=3, embed_dim=64),
+    text=TextConfig(width=64, layers=3, heads=4, mlp_width=256, layers_used=3, embed_dim=64),
     default_size=64,
     default_sampler="dpmpp_2m",
     default_steps=20,

@@ -94,3 +94,32 @@ def hf_clip_tokenizer(folder: Path, *, pad_token: str | None = None):  # type: i
     tok = transformers.CLIPTokenizer.from_pretrained(str(folder), model_max_length=77, **extra)
     assert len(tok) == 49408
     return tok
+
+
+TINY_SPECIALS = ["<|startoftext|>", "<|pad|>", "<|endoftext|>"]  # ids 0, 1, 2: diffusers' fixtures' bos/pad/eos
+
+
+def tiny_clip_tokenizer(folder: Path, *, pad: str = "<|pad|>", size: int = 1000):  # type: ignore[no-untyped-def]
+    """transformers' ``CLIPTokenizer`` over a ``size``-entry byte-level BPE vocabulary written to ``folder`` as
+    vocab.json + merges.txt, in place of diffusers' ``hf-internal-testing/tiny-random-clip`` (1000 tokens, not
+    downloadable here). Its ids are unlike CLIP's: the three specials first, then the 256 byte symbols, the same
+    ending a word, then the first of OpenAI CLIP's merges (each merge only joins symbols made before it, so any
+    prefix of the list makes a whole vocabulary)."""
+    transformers = require("transformers")
+    from stablekit.text.tokenizer import _VOCAB_FILE
+
+    base = list(open_clip_module("tokenizer").bytes_to_unicode().values())
+    lines = gzip.decompress(_VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : 1 + size - len(TINY_SPECIALS) - 2 * len(base)]
+    tokens = TINY_SPECIALS + base + [b + "</w>" for b in base] + ["".join(m.split()) for m in merges]
+    assert len(tokens) == len(set(tokens)) == size
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77})
+    )
+    tok = transformers.CLIPTokenizer.from_pretrained(str(folder))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token, len(tok)) == (0, 2, pad, size)
+    return tok

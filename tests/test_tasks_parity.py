@@ -238,9 +238,10 @@ DEPTH = torch.rand(1, 24, 20, generator=torch.Generator().manual_seed(3)) * 5 + 
 # --- running both ------------------------------------------------------------------------------------------------
 
 SCHEDULERS = {
-    # stablekit does not clip x̂₀ to [-1, 1] (the released SD scheduler configs all say clip_sample=false), but
-    # DDIMScheduler's class default does, and from_config keeps it when a config lacks the key (PNDM's) or sets it
-    # (the upscale fixture's DDIMScheduler): the reference runs without it.
+    # A sampler named by the caller starts from its own defaults, so our "ddim" does not clip x̂₀ to [-1, 1] (the
+    # released SD scheduler configs all say clip_sample=false), but DDIMScheduler's class default does, and
+    # from_config keeps it when a config lacks the key (PNDM's) or sets it (the upscale fixture's DDIMScheduler):
+    # the reference runs without it.
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
@@ -419,12 +420,12 @@ def test_upscale_matches_diffusers(pairs, sampler: str) -> None:  # type: ignore
     _assert_same(got, _theirs(pair.ref, sampler, [SEED, SEED + 1], **call))
 
 
-def test_a_clipping_ddim_config_is_reported(pairs) -> None:  # type: ignore[no-untyped-def]
-    # diffusers' upscale fixture saves DDIMScheduler with its class default clip_sample=True, which we do not
-    # apply: loading says so instead of silently sampling differently.
+def test_a_clipping_ddim_config_becomes_the_default_samplers_option(pairs) -> None:  # type: ignore[no-untyped-def]
+    # diffusers' upscale fixture saves DDIMScheduler with its class default clip_sample=True: our DDIM clips too
+    # when no sampler is named (tests/test_scheduler_configs.py compares the images).
     assert pairs("upscale").ref.scheduler.config.clip_sample
-    assert any("clip_sample" in n for n in pairs("upscale").ours.notes)
-    assert not any("clip_sample" in n for n in pairs("img2img").ours.notes)
+    assert ("clip_sample", True) in pairs("upscale").ours.config.default_sampler_options
+    assert not any("clip_sample" in n for n in pairs("upscale").ours.notes)
 
 
 @pytest.mark.parametrize("kind", ["img2img", "inpaint", "inpaint-4ch", "depth", "upscale"])

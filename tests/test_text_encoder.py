@@ -66,7 +66,16 @@ def _load_from_hf(cfg: TextConfig, hf: nn.Module) -> TextEncoder:
     return ours
 
 
-@pytest.mark.parametrize("cfg", [TINY_TEXT_SD1, TINY_TEXT_SD2], ids=["sd1-quick-gelu", "sd2-penultimate"])
+# diffusers' fixtures' odd MLP width, and an eps far from the default so that reading it matters.
+ODD_SD1 = replace(TINY_TEXT_SD1, mlp_width=37, layer_norm_eps=1e-2)
+ODD_SD2 = replace(TINY_TEXT_SD2, mlp_width=37, layer_norm_eps=1e-2)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [TINY_TEXT_SD1, TINY_TEXT_SD2, ODD_SD1, ODD_SD2],
+    ids=["sd1-quick-gelu", "sd2-penultimate", "sd1-mlp37-eps", "sd2-mlp37-eps"],
+)
 def test_matches_transformers_clip_text_model(cfg: TextConfig) -> None:
     hf = _hf_model(cfg)
     ours = _load_from_hf(cfg, hf)
@@ -109,7 +118,7 @@ def test_openclip_matches_open_clip_text_transformer() -> None:
             width=cfg.width,
             heads=cfg.heads,
             layers=cfg.layers,
-            mlp_ratio=cfg.mlp_ratio,
+            mlp_ratio=cfg.mlp_width / cfg.width,
             output_dim=cfg.embed_dim,
         )
         .eval()
@@ -206,7 +215,7 @@ def _key_shapes_of(state: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 def test_diffusers_config_round_trip() -> None:
-    for cfg in (OPENAI_CLIP_L, OPENCLIP_H, TINY_TEXT_SD2, replace(TINY_TEXT_SD1, embed_dim=1024)):
+    for cfg in (OPENAI_CLIP_L, OPENCLIP_H, TINY_TEXT_SD2, replace(TINY_TEXT_SD1, embed_dim=1024), ODD_SD2):
         assert text_config_from_diffusers(diffusers_text_config(cfg)) == cfg
     sd2 = diffusers_text_config(OPENCLIP_H)
     assert (sd2["num_hidden_layers"], sd2["hidden_act"], sd2["intermediate_size"]) == (23, "gelu", 4096)
@@ -226,3 +235,42 @@ def test_half_precision_forward_is_finite(cfg: TextConfig, dtype: torch.dtype) -
         out = model.to(dtype)(ids)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("cfg", [TINY_TEXT_SD1, ODD_SD2], ids=["sd1", "sd2"])
+def test_skip_is_an_earlier_hidden_state_through_the_final_norm(cfg: TextConfig) -> None:
+    """``skip=k`` is diffusers' ``clip_skip=k``: ``hidden_states[-(k + 1)]`` through ``final_layer_norm``."""
+    hf = _hf_model(cfg)
+    ours = _load_from_hf(cfg, hf)
+    ids = _ids(cfg)
+    norm = getattr(hf, "text_model", hf).final_layer_norm  # transformers 5 dropped the text_model level
+    with torch.no_grad():
+        hidden = hf(input_ids=ids, output_hidden_states=True).hidden_states
+        for k in range(cfg.layers_used):
+            assert (ours(ids, skip=k) - norm(hidden[-(k + 1)])).abs().max() <= TOL, k
+        with pytest.raises(ValueError, match=f"cannot skip {cfg.layers_used} of"):
+            ours(ids, skip=cfg.layers_used)
+
+
+@pytest.mark.parametrize("bad", [49408, -1])
+def test_an_id_outside_the_vocabulary_is_a_value_error(bad: int) -> None:
+    for cfg in (TINY_TEXT_SD1, TINY_TEXT_SD2):
+        ids = torch.zeros(1, 77, dtype=torch.long)
+        ids[0, 3] = bad
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the text encoder's 49408-token vocabulary"):
+            text_encoder(cfg)(ids)
+
+
+def test_configs_written_with_an_mlp_ratio_still_load() -> None:
+    """Our files written before TextConfig held the MLP width (the shipped demo models among them) say
+    ``mlp_ratio``; their eps was always 1e-5."""
+    from stablekit.config import DEMO
+    from stablekit.demo import model_path
+    from stablekit.weights import probe
+    from stablekit.weights.detect import config_from_json, config_to_json
+
+    d = json.loads(config_to_json(DEMO))
+    del d["text"]["mlp_width"], d["text"]["layer_norm_eps"]
+    d["text"]["mlp_ratio"] = 4
+    assert config_from_json(json.dumps(d)) == DEMO
+    assert probe(model_path()).config.text == DEMO.text

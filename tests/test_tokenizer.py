@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import html
+import json
 from pathlib import Path
 
 import ftfy
 import pytest
 import torch
 
-from stablekit.text.tokenizer import _VOCAB_FILE, EOT, SOT, CLIPTokenizer, tokenize
-from tests.oracles import hf_clip_tokenizer, open_clip_module
+from stablekit.text.files import read_tokenizer_folder, tokenizer_from_json, tokenizer_to_json
+from stablekit.text.tokenizer import _VOCAB_FILE, EOT, SOT, CLIPTokenizer, TokenizerError, tokenize
+from tests.oracles import hf_clip_tokenizer, open_clip_module, tiny_clip_tokenizer
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -111,3 +113,87 @@ def test_truncation_inside_a_word_reports_its_tail() -> None:
 def test_decode_inverts_encode_on_clean_text(ours: CLIPTokenizer) -> None:
     for text in ("a cat sitting on a mat", "東京の夜景", "café crème", "🎉 party 4 u"):
         assert ours.decode(ours.encode(text)) == text
+
+
+# --- a model's own vocabulary (a diffusers folder's tokenizer/) --------------------------------------------------
+
+
+def _cleaned(prompts: list[str]) -> list[str]:
+    # As in test_matches_transformers_pad_eot: transformers 5 skips the ftfy fix and HTML unescaping.
+    return [html.unescape(html.unescape(ftfy.fix_text(p))) for p in prompts]
+
+
+@pytest.mark.parametrize("layout", ["vocab.json", "tokenizer.json"])
+def test_a_folders_own_vocabulary_matches_transformers(tmp_path: Path, layout: str) -> None:
+    """A 1000-token vocabulary with its specials first (diffusers' fixtures' tiny tokenizer), read from the
+    released folders' layout (vocab.json + merges.txt) and from what transformers 5 saves (tokenizer.json)."""
+    hf = tiny_clip_tokenizer(tmp_path / "src")
+    folder = tmp_path / "src"
+    if layout == "tokenizer.json":
+        hf.save_pretrained(tmp_path / "saved")
+        folder = tmp_path / "saved"
+        assert not (folder / "vocab.json").exists()
+    ours = read_tokenizer_folder(folder)
+    assert ours.source == str(folder / layout) and not ours.is_builtin
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, len(ours.vocab), ours.max_length) == (0, 2, 1, 1000, 77)
+    want = hf(_cleaned(PROMPTS), padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    got = ours.tokenize(PROMPTS)
+    for prompt, a, b in zip(PROMPTS, got.ids, want.input_ids, strict=True):
+        assert torch.equal(a, b), prompt
+    assert not torch.equal(got.ids, tokenize(PROMPTS, pad_token=1).ids)  # not the built-in vocabulary
+    assert got.dropped[-1] is not None  # long prompts are cut, and say what was dropped
+    assert ours.decode(ours.encode("a red circle")) == "a red circle"
+
+
+def test_a_folder_of_clips_vocabulary_is_the_built_in_one(tmp_path: Path) -> None:
+    hf_clip_tokenizer(tmp_path / "sd2", pad_token="!").save_pretrained(tmp_path / "saved")
+    ours = read_tokenizer_folder(tmp_path / "saved")
+    assert ours.is_builtin and ours.pad_id == 0  # SD2's tokenizer pads with "!"
+    assert torch.equal(ours.tokenize(PROMPTS).ids, tokenize(PROMPTS, pad_token=0).ids)
+
+
+def test_model_max_length_sets_the_padded_length(tmp_path: Path) -> None:
+    hf = tiny_clip_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16}))
+    ours = read_tokenizer_folder(tmp_path)
+    want = hf(_cleaned(PROMPTS), padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    assert ours.max_length == 16 and torch.equal(ours.tokenize(PROMPTS).ids, want)
+    assert ours.mismatch(vocab_size=1000, context_length=8, pad_token=1) is not None
+    assert ours.mismatch(vocab_size=1000, context_length=77, pad_token=1) is None
+    assert "embeds only 999 tokens" in (ours.mismatch(vocab_size=999, context_length=77, pad_token=1) or "")
+
+
+def test_metadata_json_round_trip(tmp_path: Path) -> None:
+    tiny_clip_tokenizer(tmp_path)
+    ours = read_tokenizer_folder(tmp_path)
+    back = tokenizer_from_json(tokenizer_to_json(ours), "model.safetensors: metadata")
+    assert back.vocab == ours.vocab and (back.bos_id, back.eos_id, back.pad_id, back.max_length) == (0, 2, 1, 77)
+    assert torch.equal(back.tokenize(PROMPTS).ids, ours.tokenize(PROMPTS).ids)
+    with pytest.raises(TokenizerError, match=r"^model\.safetensors: metadata: not a tokenizer"):
+        tokenizer_from_json('{"vocab": 3}', "model.safetensors: metadata")
+
+
+BROKEN = {  # file -> content, the error naming that file
+    "vocab.json": ('{"a": "zero"}', r"vocab\.json: token 'a' has id 'zero'"),
+    "merges.txt": ("#version: 0.2\nq w e\n", r"merges\.txt: merge 1 is 'q w e', not two tokens"),
+    "special_tokens_map.json": ('{"pad_token": "<|none|>"}', r"vocab\.json: the pad token '<\|none\|>' is not in"),
+    "tokenizer_config.json": ('{"model_max_length": "long"}', r"tokenizer_config\.json: model_max_length is 'long'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_a_broken_tokenizer_file_is_named(tmp_path: Path, name: str) -> None:
+    tiny_clip_tokenizer(tmp_path)
+    text, message = BROKEN[name]
+    (tmp_path / name).write_text(text)
+    with pytest.raises(TokenizerError, match=message) as err:
+        read_tokenizer_folder(tmp_path)
+    assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_merge_outside_the_vocabulary_is_refused(tmp_path: Path) -> None:
+    tiny_clip_tokenizer(tmp_path)
+    with (tmp_path / "merges.txt").open("a") as f:
+        f.write("zz qq\n")
+    with pytest.raises(TokenizerError, match=r"merges\.txt: merge 486 \(zz qq\) makes or uses 'zz'"):
+        read_tokenizer_folder(tmp_path)

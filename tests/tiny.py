@@ -20,9 +20,17 @@ from stablekit.config import (
     VAEConfig,
 )
 
-TINY_TEXT_SD1 = TextConfig(width=32, layers=2, heads=4, layers_used=2, embed_dim=32)
+TINY_TEXT_SD1 = TextConfig(width=32, layers=2, heads=4, mlp_width=128, layers_used=2, embed_dim=32)
 TINY_TEXT_SD2 = TextConfig(
-    kind="openclip", width=32, layers=3, heads=4, activation="gelu", layers_used=2, pad_token=0, embed_dim=32
+    kind="openclip",
+    width=32,
+    layers=3,
+    heads=4,
+    mlp_width=128,
+    activation="gelu",
+    layers_used=2,
+    pad_token=0,
+    embed_dim=32,
 )
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 TINY_UNET_SD1 = UNetConfig(

@@ -3,6 +3,9 @@
 The original layout is written as ``.safetensors`` with the model's config in its metadata, so the result
 loads back exactly; EMA copies, schedule buffers and other non-weights are not carried over (``info`` lists
 them). ``--dtype`` casts the floating-point weights; without it they keep the source's dtype.
+
+A model with a tokenizer of its own (a diffusers folder whose ``tokenizer/`` is not CLIP's vocabulary, as in
+diffusers' tiny test pipelines) keeps it: in the single file's metadata, or as the written folder's ``tokenizer/``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from stablekit.cli.options import add_weights_options
 from stablekit.config import ModelConfig
 from stablekit.weights import Probe, probe
 
@@ -12,6 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="identify a checkpoint: family, sizes, prediction type", description=__doc__)
     p.add_argument("path", help="checkpoint file (.safetensors/.ckpt/.bin) or diffusers folder")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the prediction type, as generate would")
+    add_weights_options(p)  # checked as generate would load them
     p.set_defaults(run=run)
 
 
@@ -33,8 +35,21 @@ def _sizes(cfg: ModelConfig) -> list[tuple[str, str]]:
         unet += f", cross-attention only at levels {[i for i, d in enumerate(u.disable_self_attn) if d]}"
     vae = f"{v.ch} x {v.ch_mult}, {v.num_res_blocks} res blocks/level, z {v.z_channels}, scale {v.scale_factor:g}"
     kind = "OpenAI CLIP" if t.kind == "openai" else "OpenCLIP"
-    text = f"{kind}, width {t.width}, {t.layers} layers ({t.layers_used} used), {t.heads} heads, pad id {t.pad_token}"
+    text = (
+        f"{kind}, width {t.width}, MLP {t.mlp_width}, {t.layers} layers ({t.layers_used} used), {t.heads} heads, "
+        f"{t.activation}, LayerNorm eps {t.layer_norm_eps:g}, vocabulary {t.vocab_size}, {t.context_length} "
+        f"positions, pad id {t.pad_token}"
+    )
     return [("unet", unet), ("vae", vae), ("text", text)]
+
+
+def _tokenizer(found: Probe) -> str:
+    tok = found.tokenizer
+    if tok is None:
+        return f"the built-in CLIP vocabulary (49408 tokens), padding with id {found.config.text.pad_token}"
+    pad = f"pad {tok.pad_token!r} = {tok.pad_id}" if tok.pad_token is not None else "pad as the config says"
+    length = f", {tok.max_length} tokens a prompt" if tok.max_length is not None else ""
+    return f"the model's own, {tok.source} ({len(tok.vocab)} tokens, {pad}{length})"
 
 
 def describe(found: Probe) -> list[str]:
@@ -55,7 +70,9 @@ def describe(found: Probe) -> list[str]:
         ),
         (
             "defaults",
-            f"{cfg.default_size} px, {cfg.default_sampler}, {cfg.default_steps} steps, "
+            f"{cfg.default_size} px, {cfg.default_sampler}"
+            + "".join(f" {k}={v}" for k, v in cfg.default_sampler_options)
+            + f", {cfg.default_steps} steps, "
             f"guidance {cfg.default_guidance:g}",
         ),
         ("dtypes", dtypes),
@@ -64,7 +81,13 @@ def describe(found: Probe) -> list[str]:
             ", ".join(f"{k} {_millions(n)}" for k, n in counts.items()) + f", total {_millions(sum(counts.values()))}",
         ),
         *_sizes(cfg),
+        ("tokenizer", _tokenizer(found)),
     ]
+    if found.ema:
+        used = "loaded in place of the live weights" if found.ema_loaded else "not loaded; --ema samples with them"
+        rows.append(("ema", f"{found.ema} EMA UNet weights (model_ema.*), {used}"))
+    if found.vae is not None:
+        rows.append(("vae file", f"{found.vae} (in place of the checkpoint's autoencoder)"))
     width = max(len(k) for k, _ in rows) + 2
     lines = [f"{k + ':':<{width}}{v}" for k, v in rows]
     if found.dropped:
@@ -77,6 +100,6 @@ def describe(found: Probe) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    for line in describe(probe(args.path, prediction=args.prediction)):
+    for line in describe(probe(args.path, prediction=args.prediction, ema=args.ema, vae=args.vae)):
         print(line)
     return 0

@@ -29,13 +29,35 @@ _LIMIT_FLAGS = {  # Limits field -> help
 def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
     p.add_argument("--model", "-m", help=f"checkpoint file (.safetensors/.ckpt) or diffusers folder ({default_help})")
     p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
+    add_weights_options(p)
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     p.add_argument("--attention-slicing", action="store_true", help="compute attention in slices to save memory")
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        default=1,
+        metavar="N",
+        help="A1111's clip skip: 1 = the model's own text output (default), N = N - 1 text-encoder layers earlier "
+        "(SD1: 2 is the penultimate layer; diffusers' clip_skip=N-1). SD2 counts from its own penultimate layer",
+    )
     limits = p.add_argument_group("limits", "checked before sampling; raise them for a bigger machine")
     for name, help_text in _LIMIT_FLAGS.items():
         default = getattr(Limits(), name)
         limits.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{help_text} ({default:,})")
+
+
+def add_weights_options(p: argparse.ArgumentParser) -> None:
+    """Which weights of a file to load: shared by the generating commands and ``info``."""
+    p.add_argument(
+        "--vae",
+        metavar="PATH",
+        help="a separate autoencoder in place of the checkpoint's: an original-layout file "
+        "(e.g. vae-ft-mse-840000-ema-pruned.safetensors) or a diffusers AutoencoderKL folder",
+    )
+    p.add_argument(
+        "--ema", action="store_true", help="sample with the file's EMA UNet weights (model_ema.*), not its live ones"
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, size: bool = True, batch: bool = True) -> None:
@@ -117,6 +139,9 @@ def load_pipeline(args: argparse.Namespace, default: Callable[[], Path], what: s
         prediction=args.prediction,
         attention="sliced" if args.attention_slicing else "sdpa",
         limits=Limits(**{name: getattr(args, name) for name in _LIMIT_FLAGS}),
+        ema=args.ema,
+        vae=args.vae,
+        clip_skip=args.clip_skip,
     )
     for note in pipe.notes:
         print(f"note: {note}", file=sys.stderr)

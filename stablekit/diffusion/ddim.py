@@ -26,14 +26,27 @@ def plan_ddim(schedule: ScheduleConfig, steps: int) -> Plan:
 
 
 def sample_ddim(
-    den: Denoiser, x: Tensor, plan: Plan, start: int, *, eta: float = 0.0, generator: RandomGenerator = None
+    den: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    start: int,
+    *,
+    eta: float = 0.0,
+    clip_sample: bool = False,
+    clip_sample_range: float = 1.0,
+    generator: RandomGenerator = None,
 ) -> Steps:
-    """DDIM, Song et al. 2021 (arXiv:2010.02502) eq. 12; eta=1 is DDPM-like ancestral sampling."""
+    """DDIM, Song et al. 2021 (arXiv:2010.02502) eq. 12; eta=1 is DDPM-like ancestral sampling.
+
+    ``clip_sample`` clamps x̂₀ to ±``clip_sample_range`` and keeps ε̂ as predicted, as diffusers' DDIMScheduler
+    does (its class default, off in every released SD config)."""
     jump = plan.alphas_cumprod.shape[0] // plan.steps
     for i in range(start, plan.timesteps.shape[0]):
         t = int(plan.timesteps[i])
         a_t, a_prev = plan.alphas_cumprod[t], _alpha_prev(plan, t - jump)
         x0, eps = den.vp(x, plan.timesteps[i], a_t**0.5, (1 - a_t) ** 0.5)
+        if clip_sample:
+            x0 = x0.clamp(-clip_sample_range, clip_sample_range)
         # σ_t(η) of eq. 16
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps

@@ -80,12 +80,22 @@ def _sigmas(plan: Plan) -> Tensor:
 
 
 def sample_dpmpp_2m(
-    den: Denoiser, x: Tensor, plan: Plan, start: int, *, sde: bool = False, generator: RandomGenerator = None
+    den: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    start: int,
+    *,
+    sde: bool = False,
+    order: int = 2,
+    solver_type: str = "midpoint",
+    generator: RandomGenerator = None,
 ) -> Steps:
-    """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095) Alg. 2 (midpoint form); with ``sde`` the
-    SDE-DPM-Solver++(2M) of the same paper, which injects fresh noise each step.
+    """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095) Alg. 2; with ``sde`` the SDE-DPM-Solver++(2M) of the
+    same paper, which injects fresh noise each step.
 
-    First order at the first step (no history yet) and at the last (the step to σ = 0)."""
+    First order at the first step (no history yet), at the last (the step to σ = 0) and throughout with
+    ``order=1`` (DPM-Solver++1, i.e. DDIM in log-SNR time). ``solver_type`` is the second-order correction's
+    form: "midpoint" (the paper's Alg. 2) or "heun", diffusers' two choices."""
     s, n = _sigmas(plan), plan.timesteps.shape[0]
     prev: Tensor | None = None
     for i in range(start, n):
@@ -94,19 +104,23 @@ def sample_dpmpp_2m(
         alpha_t, sigma_t = _alpha_sigma(s[i + 1])
         h = _lambda(s[i + 1]) - _lambda(s[i])
         noise = randn(x.shape, generator, x.device, torch.float32) if sde else None
-        if prev is None or i == n - 1:
+        if prev is None or i == n - 1 or order == 1:
             d0, d1 = x0, None
         else:
             r0 = (_lambda(s[i]) - _lambda(s[i - 1])) / h
             d0, d1 = x0, 1.0 / r0 * (x0 - prev)
         if noise is None:
             out = sigma_t / sigma_s * x - alpha_t * (torch.exp(-h) - 1.0) * d0
-            if d1 is not None:
+            if d1 is not None and solver_type == "midpoint":
                 out = out - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
+            elif d1 is not None:
+                out = out + (alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)) * d1
         else:
             out = sigma_t / sigma_s * torch.exp(-h) * x + alpha_t * (1 - torch.exp(-2.0 * h)) * d0
-            if d1 is not None:
+            if d1 is not None and solver_type == "midpoint":
                 out = out + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * d1
+            elif d1 is not None:
+                out = out + (alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)) * d1
             out = out + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise
         prev = x0
         x = yield out, x0
@@ -168,9 +182,18 @@ def _unipc_correct(x0s: list[Tensor], s: Tensor, j: int, x_prev: Tensor, x0_new:
     return out - alpha_t * b_h * (corr + rhos[-1] * (x0_new - x0s[-1]))
 
 
-def sample_unipc(den: Denoiser, x: Tensor, plan: Plan, start: int, *, order: int = 2) -> Steps:
+def sample_unipc(
+    den: Denoiser,
+    x: Tensor,
+    plan: Plan,
+    start: int,
+    *,
+    order: int = 2,
+    disable_corrector: tuple[int, ...] = (),
+) -> Steps:
     """UniPC with B(h) = e^h - 1, Zhao et al. 2023 (arXiv:2302.04867): each model evaluation first corrects
-    the state it was made at (UniC, no extra evaluation), then predicts the next one (UniP)."""
+    the state it was made at (UniC, no extra evaluation), then predicts the next one (UniP). The corrector is
+    skipped after the steps listed in ``disable_corrector`` (diffusers' setting of that name)."""
     s, n = _sigmas(plan), plan.timesteps.shape[0]
     x0s: list[Tensor] = []
     x_prev: Tensor | None = None
@@ -178,7 +201,7 @@ def sample_unipc(den: Denoiser, x: Tensor, plan: Plan, start: int, *, order: int
     for j in range(start, n):
         alpha, sigma = _alpha_sigma(s[j])
         x0, _ = den.vp(x, plan.timesteps[j], alpha, sigma)
-        if x_prev is not None:
+        if x_prev is not None and j - 1 not in disable_corrector:
             x = _unipc_correct(x0s, s, j, x_prev, x0, last_order)
         x0s = [*x0s, x0][-order:]
         # Lower order while history builds up and towards the end (diffusers' lower_order_final).

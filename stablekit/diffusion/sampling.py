@@ -53,6 +53,8 @@ class SamplerInfo:
     run: Callable[..., Steps]
     plan_options: Mapping[str, Any] = field(default_factory=dict)
     run_options: Mapping[str, Any] = field(default_factory=dict)
+    # The values an option may take, where not every value of its type is valid.
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     # Draws fresh noise each step, so it takes the generator.
     stochastic: bool = False
     # The diffusers class default, used when the schedule leaves timestep_spacing unset.
@@ -64,6 +66,10 @@ class SamplerInfo:
         return self.aliases[0] if self.aliases else self.name
 
 
+# diffusers' DPMSolverMultistepScheduler settings: solver_order and solver_type.
+_DPMPP_OPTIONS = {"order": 2, "solver_type": "midpoint"}
+_DPMPP_CHOICES = {"order": (1, 2), "solver_type": ("midpoint", "heun")}
+
 SAMPLERS: dict[str, SamplerInfo] = {
     s.name: s
     for s in (
@@ -73,7 +79,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
             ("DDIM", "DDIMScheduler"),
             ddim.plan_ddim,
             ddim.sample_ddim,
-            run_options={"eta": 0.0},
+            run_options={"eta": 0.0, "clip_sample": False, "clip_sample_range": 1.0},
             stochastic=True,
             default_spacing="leading",
         ),
@@ -134,6 +140,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
             dpmsolver.plan_multistep,
             dpmsolver.sample_dpmpp_2m,
             plan_options={"karras": False},
+            run_options=_DPMPP_OPTIONS,
+            choices=_DPMPP_CHOICES,
         ),
         SamplerInfo(
             "dpmpp_2m_karras",
@@ -142,6 +150,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
             dpmsolver.plan_multistep,
             dpmsolver.sample_dpmpp_2m,
             plan_options={"karras": True},
+            run_options=_DPMPP_OPTIONS,
+            choices=_DPMPP_CHOICES,
         ),
         SamplerInfo(
             "dpmpp_2m_sde",
@@ -150,6 +160,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
             dpmsolver.plan_multistep,
             partial(dpmsolver.sample_dpmpp_2m, sde=True),
             plan_options={"karras": False},
+            run_options=_DPMPP_OPTIONS,
+            choices=_DPMPP_CHOICES,
             stochastic=True,
         ),
         SamplerInfo(
@@ -159,6 +171,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
             dpmsolver.plan_multistep,
             partial(dpmsolver.sample_dpmpp_2m, sde=True),
             plan_options={"karras": True},
+            run_options=_DPMPP_OPTIONS,
+            choices=_DPMPP_CHOICES,
             stochastic=True,
         ),
         SamplerInfo(
@@ -168,7 +182,8 @@ SAMPLERS: dict[str, SamplerInfo] = {
             dpmsolver.plan_multistep,
             dpmsolver.sample_unipc,
             plan_options={"karras": False},
-            run_options={"order": 2},
+            run_options={"order": 2, "disable_corrector": ()},
+            choices={"order": (1, 2, 3)},
         ),
     )
 }
@@ -208,6 +223,9 @@ def _split_overrides(
             raise ValueError(f"sampler option {raw_key!r} must be a finite number, got {value}")
         if raw_key == "eta" and value < 0:
             raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {value}")
+        allowed = info.choices.get(raw_key)
+        if allowed is not None and (isinstance(value, bool) or value not in allowed):
+            raise ValueError(f"sampler {info.name!r} option {raw_key} must be one of {list(allowed)}, got {value!r}")
         key = _RENAMED.get(raw_key, raw_key)
         if key == "prediction":
             if value not in _PREDICTIONS:

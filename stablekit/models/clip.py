@@ -6,9 +6,10 @@
   projection, output = ``ln_final`` of the *penultimate* block (the last block is stored but never run).
 
 Both are pre-LayerNorm transformers with a causal mask and no padding mask: pad positions are encoded like
-any token and the UNet cross-attends to them. Attribute names are the checkpoint keys after
-``cond_stage_model.``, so a released file loads with ``strict=True``; keys that some files lack are listed
-in ``OPTIONAL_KEYS`` for :func:`stablekit.weights.convert.fit_state_dict`.
+any token and the UNet cross-attends to them. ``forward(ids, skip=n)`` stops ``n`` layers before the family's
+own output layer and still applies the final LayerNorm (A1111's and diffusers' "clip skip"). Attribute names
+are the checkpoint keys after ``cond_stage_model.``, so a released file loads with ``strict=True``; keys that
+some files lack are listed in ``OPTIONAL_KEYS`` for :func:`stablekit.weights.convert.fit_state_dict`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class _LayerNorm(nn.LayerNorm):
 
 class TextEncoder(nn.Module):
     """The interface shared by both encoders: ``config``, ``OPTIONAL_KEYS`` and
-    ``forward(ids: (B, T) int64) -> (B, T, width)``."""
+    ``forward(ids: (B, T) int64, skip: int = 0) -> (B, T, width)``."""
 
     # State-dict keys a loader may find absent (the model keeps its own values) or present.
     OPTIONAL_KEYS: tuple[str, ...] = ()
@@ -53,6 +54,21 @@ class TextEncoder(nn.Module):
     def __init__(self, config: TextConfig) -> None:
         super().__init__()
         self.config = config
+
+    def layers_run(self, ids: Tensor, skip: int) -> int:
+        """How many layers run for ``skip``; raises ValueError for a skip or token id the tower cannot take
+        (an id past the embedding would be a raw IndexError, or a device-side assert that ends a CUDA context)."""
+        used = self.config.layers_used
+        if not 0 <= skip < used:
+            raise ValueError(f"cannot skip {skip} of the text encoder's {used} layers: at least one must run")
+        if ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"token id {bad} is outside the text encoder's {self.config.vocab_size}-token vocabulary"
+                )
+        return used - skip
 
 
 # --- SD1: transformers' CLIPTextModel layout ----------------------------------------------------------
@@ -76,8 +92,8 @@ class _HFMLP(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.act = _activation(cfg)
-        self.fc1 = nn.Linear(cfg.width, cfg.width * cfg.mlp_ratio)
-        self.fc2 = nn.Linear(cfg.width * cfg.mlp_ratio, cfg.width)
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = nn.Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -87,9 +103,9 @@ class _HFLayer(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.self_attn = _HFSelfAttention(cfg.width, cfg.heads)
-        self.layer_norm1 = _LayerNorm(cfg.width)
+        self.layer_norm1 = _LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = _HFMLP(cfg)
-        self.layer_norm2 = _LayerNorm(cfg.width)
+        self.layer_norm2 = _LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
@@ -118,14 +134,13 @@ class _HFEncoder(nn.Module):
 class _HFTextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.layers_used = cfg.layers_used
         self.embeddings = _HFEmbeddings(cfg)
         self.encoder = _HFEncoder(cfg)
-        self.final_layer_norm = _LayerNorm(cfg.width)
+        self.final_layer_norm = _LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, layers: int) -> Tensor:
         x = self.embeddings(ids)
-        for layer in self.encoder.layers[: self.layers_used]:
+        for layer in self.encoder.layers[:layers]:
             x = layer(x)
         return self.final_layer_norm(x)
 
@@ -147,8 +162,8 @@ class FrozenCLIPEmbedder(TextEncoder):
         super().__init__(config)
         self.transformer = _HFTextModel(config)
 
-    def forward(self, ids: Tensor) -> Tensor:  # (B, T) int64 -> (B, T, C)
-        return self.transformer.text_model(ids)
+    def forward(self, ids: Tensor, skip: int = 0) -> Tensor:  # (B, T) int64 -> (B, T, C)
+        return self.transformer.text_model(ids, self.layers_run(ids, skip))
 
 
 # --- SD2 / x4: OpenCLIP layout -------------------------------------------------------------------------
@@ -175,8 +190,8 @@ class _OpenCLIPMLP(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.act = _activation(cfg)
-        self.c_fc = nn.Linear(cfg.width, cfg.width * cfg.mlp_ratio)
-        self.c_proj = nn.Linear(cfg.width * cfg.mlp_ratio, cfg.width)
+        self.c_fc = nn.Linear(cfg.width, cfg.mlp_width)
+        self.c_proj = nn.Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -185,9 +200,9 @@ class _OpenCLIPMLP(nn.Module):
 class _ResBlock(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.ln_1 = _LayerNorm(cfg.width)
+        self.ln_1 = _LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.attn = _FusedSelfAttention(cfg.width, cfg.heads)
-        self.ln_2 = _LayerNorm(cfg.width)
+        self.ln_2 = _LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = _OpenCLIPMLP(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -206,20 +221,19 @@ class _OpenCLIPText(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.layers_used = cfg.layers_used
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = _ResBlocks(cfg)
-        self.ln_final = _LayerNorm(cfg.width)
+        self.ln_final = _LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         # CLIP's contrastive head: kept so original files load strictly, unused by Stable Diffusion.
         self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
 
-    def forward(self, ids: Tensor) -> Tensor:  # (B, T) -> (B, T, C)
+    def forward(self, ids: Tensor, layers: int) -> Tensor:  # (B, T) -> (B, T, C)
         x = self.token_embedding(ids) + self.positional_embedding[: ids.shape[1]]
-        for block in self.transformer.resblocks[: self.layers_used]:
+        for block in self.transformer.resblocks[:layers]:
             x = block(x)
         return self.ln_final(x)
 
@@ -238,8 +252,8 @@ class FrozenOpenCLIPEmbedder(TextEncoder):
         ]
         self.OPTIONAL_KEYS = (*unused, "model.text_projection", "model.logit_scale")
 
-    def forward(self, ids: Tensor) -> Tensor:  # (B, T) int64 -> (B, T, C)
-        return self.model(ids)
+    def forward(self, ids: Tensor, skip: int = 0) -> Tensor:  # (B, T) int64 -> (B, T, C)
+        return self.model(ids, self.layers_run(ids, skip))
 
 
 def text_encoder(cfg: TextConfig) -> TextEncoder:

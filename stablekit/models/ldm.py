@@ -40,7 +40,11 @@ EXTRA_KEYS: dict[str, str] = {
     **{k: "noise-schedule buffers (rebuilt from the config)" for k in SCHEDULE_BUFFERS},
     "logvar": "training-only loss weights",
     "lvlb_weights": "training-only loss weights",
-    "model_ema.": "EMA shadow copy of the UNet in a non-pruned training file (the live weights are loaded)",
+    # LitEma's bookkeeping, never weights; the copies themselves load in place of the UNet's with --ema.
+    "model_ema.decay": "EMA decay and update count (training bookkeeping)",
+    "model_ema.num_updates": "EMA decay and update count (training bookkeeping)",
+    "model_ema.": "EMA shadow copy of the UNet in a non-pruned training file (the live weights are loaded; --ema "
+    "loads these instead)",
     "low_scale_model.": "x4 noise-augmentation schedule buffers (rebuilt from the config)",
     "depth_model.": "MiDaS depth estimator weights (the depth map is supplied separately)",
     "scale_factor": "latent scale buffer (scale_by_std training); read into the VAE config",

@@ -24,7 +24,7 @@ from stablekit.models.ldm import LatentDiffusion
 from stablekit.models.vae import AutoencoderKL
 from stablekit.nn.attention import BACKENDS, Backend, attention_backend
 from stablekit.pipelines.params import Limits
-from stablekit.text.tokenizer import tokenize
+from stablekit.text.tokenizer import CLIPTokenizer, default_tokenizer
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -69,6 +69,13 @@ class Pipeline:
     ``attention`` picks the attention backend (``"sliced"`` trades speed for memory). ``vae_tile`` and
     ``unet_tile`` are latent sizes above which the autoencoder's decode and the x4 upscaler's UNet run in
     overlapping tiles, so large images fit in memory.
+
+    ``tokenizer`` is the model's own (a diffusers folder's ``tokenizer/``; default: the built-in CLIP one), checked
+    against the text encoder here, before anything runs. ``clip_skip`` counts as A1111 does: 1 is the family's own
+    text output, N stops N - 1 layers before it, the final LayerNorm still applied (diffusers' ``clip_skip=k`` is
+    our k + 1). SD1's own output is its last layer (2 = the penultimate); SD2's is already its penultimate layer
+    (1 = layer 23 of 24, 2 = layer 22, which A1111, ignoring clip skip for SD2, never gives). It applies to the
+    negative prompt too, as in A1111; diffusers' pipelines encode the negative prompt without it.
     """
 
     def __init__(
@@ -85,9 +92,21 @@ class Pipeline:
         vae_tile: int = 128,
         unet_tile: int = 128,
         limits: Limits | None = None,
+        tokenizer: CLIPTokenizer | None = None,
+        clip_skip: int = 1,
     ) -> None:
         if attention not in BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(BACKENDS)}")
+        text = config.text
+        self.tokenizer = tokenizer or default_tokenizer()
+        problem = self.tokenizer.mismatch(
+            vocab_size=text.vocab_size, context_length=text.context_length, pad_token=text.pad_token
+        )
+        if problem:
+            raise ValueError(f"{problem}: the tokenizer does not fit this model")
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= text.layers_used:
+            raise ValueError(f"clip skip must be an integer in 1..{text.layers_used} for this model, got {clip_skip!r}")
+        self.clip_skip = clip_skip
         self.device = resolve_device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
@@ -112,12 +131,17 @@ class Pipeline:
         prediction: Prediction | None = None,
         attention: Backend = "sdpa",
         limits: Limits | None = None,
+        ema: bool = False,
+        vae: str | Path | None = None,
+        clip_skip: int = 1,
     ) -> Pipeline:
+        """Load ``path`` (see :func:`stablekit.weights.load_model`; ``ema`` and ``vae`` are passed on: the UNet's
+        EMA weights, and a separate autoencoder in place of the file's own)."""
         from stablekit.weights import load_model
 
         dev = resolve_device(device)
         dt = dtype if dtype is not None else default_dtype(dev)
-        loaded = load_model(path, prediction=prediction, dtype=dt, device=dev)
+        loaded = load_model(path, prediction=prediction, dtype=dt, device=dev, ema=ema, vae=vae)
         return cls(
             loaded.model,
             loaded.config,
@@ -127,6 +151,8 @@ class Pipeline:
             notes=loaded.notes,
             attention=attention,
             limits=limits,
+            tokenizer=loaded.tokenizer,
+            clip_skip=clip_skip,
         )
 
     @contextlib.contextmanager
@@ -135,12 +161,15 @@ class Pipeline:
             yield
 
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, str | None]:
-        """Prompts -> (B, 77, D) context, and the text the 77-token limit cut off (first one found), if any."""
+        """Prompts -> (B, T, D) context (T: the tokenizer's length, 77 for every released model) at the pipeline's
+        clip skip, and the text the token limit cut off (first one found), if any."""
         text = self.config.text
-        tokens = tokenize(prompts, pad_token=text.pad_token, context_length=text.context_length)
+        tokens = self.tokenizer.tokenize(
+            prompts, pad_token=text.pad_token, context_length=self.tokenizer.max_length or text.context_length
+        )
         dropped = next((d for d in tokens.dropped if d), None)
         with self._running():
-            context = self.model.cond_stage_model(tokens.ids.to(self.device))
+            context = self.model.cond_stage_model(tokens.ids.to(self.device), skip=self.clip_skip - 1)
         return context.to(self.dtype), dropped
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:

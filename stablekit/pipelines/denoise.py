@@ -97,6 +97,7 @@ def denoise(
         "Seed": None,
         "Size": f"{r.width}x{r.height}",
         "Model": pipe.name,
+        "Clip skip": pipe.clip_skip if pipe.clip_skip > 1 else None,  # A1111 writes it only when set
         **settings,
         "Version": f"stablekit {pipe.version}",
     }

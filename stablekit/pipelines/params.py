@@ -135,6 +135,14 @@ def resolve(
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, {MAX_SEED}], got {seed}")
     sampler = resolve_sampler(p.sampler if p.sampler is not None else cfg.default_sampler)
+    # The model's own scheduler settings (a folder's use_karras_sigmas, solver_order, ...) come with its default
+    # sampler only when no sampler is named. A named sampler, the model's own included, starts from its own
+    # defaults, so a name means the same sampler on every model (and the command line, which cannot switch a
+    # folder's setting off, can still ask for the plain one); the model's training schedule (spacing, offset,
+    # zero SNR) applies either way. The caller's options win over the model's.
+    options = dict(p.sampler_options)
+    if p.sampler is None:
+        options = {**dict(cfg.default_sampler_options), **options}
     prompts = _prompt_list(p.prompt, "prompt")
     if not prompts:
         raise ValueError("no prompt given (an empty list)")
@@ -169,6 +177,6 @@ def resolve(
         [q for q, _ in per_image],
         [n for _, n in per_image],
         batch_count,
-        dict(p.sampler_options),
+        options,
         explicit,
     )

@@ -21,9 +21,21 @@ from torch import Tensor
 from stablekit.atomic import replacing_folder
 from stablekit.config import ModelConfig, Prediction
 from stablekit.models.ldm import LatentDiffusion, split_extras
+from stablekit.text.files import same_as_builtin, tokenizer_from_json, tokenizer_to_json
+from stablekit.text.tokenizer import CLIPTokenizer, default_tokenizer
 from stablekit.weights.convert import WeightsError, fit_state_dict
-from stablekit.weights.detect import METADATA_KEY, Detection, config_to_json, detect, family_from, is_standard
+from stablekit.weights.detect import (
+    METADATA_KEY,
+    TOKENIZER_KEY,
+    VAE,
+    Detection,
+    config_to_json,
+    detect,
+    family_from,
+    is_standard,
+)
 from stablekit.weights.diffusers import is_diffusers_folder, read_folder, write_folder
+from stablekit.weights.ema import ema_count, ema_sources
 from stablekit.weights.load import (
     Checkpoint,
     CheckpointError,
@@ -32,6 +44,7 @@ from stablekit.weights.load import (
     read_state_dict,
     write_safetensors,
 )
+from stablekit.weights.vae_file import read_vae
 
 __all__ = [
     "Checkpoint",
@@ -71,6 +84,13 @@ class Probe:
     # Why -> keys the file holds that are not network weights (EMA, schedule buffers...).
     dropped: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # EMA copies of UNet weights the file holds (``model_ema.*``), and whether they are the ones loaded.
+    ema: int = 0
+    ema_loaded: bool = False
+    # The separate autoencoder loaded in place of the file's own, if one was given.
+    vae: str | None = None
+    # The model's own tokenizer (a folder's tokenizer/, or our file's metadata); None: the built-in CLIP one.
+    tokenizer: CLIPTokenizer | None = None
 
     def parameter_counts(self) -> dict[str, int]:
         prefixes = {
@@ -88,6 +108,9 @@ class Loaded(Probe):
     absent: list[str] = field(default_factory=list)
 
 
+LIVE_UNET = "live UNet weights (the EMA copy is loaded in their place)"
+
+
 def _betas_note(tensors: dict[str, Tensor], cfg: ModelConfig) -> list[str]:
     betas = tensors.get("betas")
     if betas is None or betas.dim() != 1 or betas.numel() < 2:
@@ -103,31 +126,60 @@ def _betas_note(tensors: dict[str, Tensor], cfg: ModelConfig) -> list[str]:
 
 
 def _open(
-    path: str | os.PathLike[str], prediction: Prediction | None, shapes_only: bool
+    path: str | os.PathLike[str],
+    prediction: Prediction | None,
+    shapes_only: bool,
+    *,
+    ema: bool = False,
+    vae: str | os.PathLike[str] | None = None,
 ) -> tuple[Probe, dict[str, Tensor] | None]:
     path = os.fspath(path)
+    tensors: dict[str, Tensor] | None
     if os.path.isdir(path):
         if not is_diffusers_folder(path):
             raise CheckpointError(f"{path}: a folder without model_index.json is not a diffusers pipeline")
-        folder = read_folder(path)
-        cfg, source = folder.config, "scheduler/scheduler_config.json prediction_type"
-        if prediction is not None and prediction != cfg.schedule.prediction:
-            cfg, source = cfg.with_prediction(prediction), "given by the caller"
-        family = family_from(cfg.unet, cfg.text, cfg.schedule.prediction)
-        found = Probe(
-            path=path,
-            format="diffusers",
-            config=cfg,
-            family=family,
-            standard=is_standard(cfg, family),
-            prediction_source=source,
-            schedule_source="scheduler/scheduler_config.json",
-            shapes={k: tuple(t.shape) for k, t in folder.tensors.items()},
-            dtypes=Counter(str(t.dtype).removeprefix("torch.") for t in folder.tensors.values()),
-            notes=folder.notes,
-        )
-        return found, folder.tensors
+        if ema:
+            raise WeightsError(f"{path}: a diffusers folder holds no EMA copy of the UNet: load it without --ema")
+        found, tensors, dtypes = _open_folder(path, prediction)
+    else:
+        found, tensors, dtypes = _open_file(path, prediction, shapes_only, ema)
+    if vae is not None:
+        tensors = _use_vae(found, tensors, dtypes, os.fspath(vae), shapes_only)
+    found.dtypes = Counter(str(dtypes[k]).removeprefix("torch.") for k in found.shapes)
+    text = found.config.text
+    problem = (found.tokenizer or default_tokenizer()).mismatch(
+        vocab_size=text.vocab_size, context_length=text.context_length, pad_token=text.pad_token
+    )
+    if problem:
+        found.notes.append(f"{problem}: prompts cannot be encoded (the model loads, and converts)")
+    return found, tensors
 
+
+def _open_folder(path: str, prediction: Prediction | None) -> tuple[Probe, dict[str, Tensor], dict[str, torch.dtype]]:
+    folder = read_folder(path)
+    cfg, source = folder.config, "scheduler/scheduler_config.json prediction_type"
+    if prediction is not None and prediction != cfg.schedule.prediction:
+        cfg, source = cfg.with_prediction(prediction), "given by the caller"
+    family = family_from(cfg.unet, cfg.text, cfg.schedule.prediction)
+    found = Probe(
+        path=path,
+        format="diffusers",
+        config=cfg,
+        family=family,
+        standard=is_standard(cfg, family),
+        prediction_source=source,
+        schedule_source="scheduler/scheduler_config.json",
+        shapes={k: tuple(t.shape) for k, t in folder.tensors.items()},
+        dtypes=Counter(),
+        notes=folder.notes,
+        tokenizer=folder.tokenizer,
+    )
+    return found, folder.tensors, {k: t.dtype for k, t in folder.tensors.items()}
+
+
+def _open_file(
+    path: str, prediction: Prediction | None, shapes_only: bool, ema: bool
+) -> tuple[Probe, dict[str, Tensor] | None, dict[str, torch.dtype]]:
     ckpt = read_checkpoint(path, shapes_only=shapes_only)
     weights, dropped = split_extras(ckpt.shapes)
     det = detect(weights, metadata=ckpt.metadata, global_step=ckpt.global_step, name_hint=path, prediction=prediction)
@@ -138,7 +190,17 @@ def _open(
         if "scale_factor" in tensors and det.schedule_source != "the file's stablekit config":
             cfg = replace(cfg, vae=replace(cfg.vae, scale_factor=float(tensors["scale_factor"])))
             notes.append(f"VAE latent scale {cfg.vae.scale_factor:.6g} read from the file's scale_factor")
-        tensors = {k: tensors[k] for k in weights}
+    # Model key -> the file key it is loaded from: itself, or its EMA copy.
+    source = {k: k for k in weights}
+    if ema:
+        swap = ema_sources(cfg.unet, ckpt.shapes, path)
+        used = set(swap.values())
+        dropped = {why: kept for why, keys in dropped.items() if (kept := [k for k in keys if k not in used])}
+        dropped[LIVE_UNET] = [k for k in swap if k in weights]
+        source |= swap
+        notes.append(f"UNet weights from the file's EMA copy ({len(swap)} model_ema.* tensors)")
+    if tensors is not None:
+        tensors = {k: tensors[s] for k, s in source.items()}
     found = Probe(
         path=path,
         format=ckpt.format,
@@ -147,18 +209,61 @@ def _open(
         standard=det.standard,
         prediction_source=det.prediction_source,
         schedule_source=det.schedule_source,
-        shapes={k: ckpt.shapes[k] for k in weights},
-        dtypes=Counter(str(ckpt.dtypes[k]).removeprefix("torch.") for k in weights),
+        shapes={k: ckpt.shapes[s] for k, s in source.items()},
+        dtypes=Counter(),
         dropped=dropped,
         notes=notes,
+        tokenizer=_stored_tokenizer(path, ckpt.metadata),
+        ema=ema_count(ckpt.shapes),
+        ema_loaded=ema,
     )
-    return found, tensors
+    return found, tensors, {k: ckpt.dtypes[s] for k, s in source.items()}
 
 
-def probe(path: str | os.PathLike[str], *, prediction: Prediction | None = None) -> Probe:
+def _use_vae(
+    found: Probe,
+    tensors: dict[str, Tensor] | None,
+    dtypes: dict[str, torch.dtype],
+    vae: str,
+    shapes_only: bool,
+) -> dict[str, Tensor] | None:
+    """Put the autoencoder read from ``vae`` in place of the checkpoint's own (``found`` and ``dtypes`` are
+    updated in place); its latent scale, if its config gives one, wins, with a note when it differs."""
+    got = read_vae(vae, found.config.vae, shapes_only=shapes_only)
+    own = [k for k in found.shapes if k.startswith(VAE)]
+    for key in own:
+        del found.shapes[key], dtypes[key]
+    found.shapes |= {k: tuple(t.shape) for k, t in got.tensors.items()}
+    dtypes |= {k: t.dtype for k, t in got.tensors.items()}
+    found.dropped[f"the file's own autoencoder (replaced by {vae})"] = own
+    found.notes += [f"{vae}: {n}" for n in got.notes]
+    found.vae = vae
+    old = found.config.vae.scale_factor
+    if got.scale_factor is not None and got.scale_factor != old:
+        found.config = replace(found.config, vae=replace(found.config.vae, scale_factor=got.scale_factor))
+        found.notes.append(f"VAE latent scale {got.scale_factor:.6g} from {vae}'s config (the checkpoint's: {old:.6g})")
+    if tensors is None:
+        return None
+    return {k: t for k, t in tensors.items() if not k.startswith(VAE)} | got.tensors
+
+
+def _stored_tokenizer(path: str, metadata: dict[str, str]) -> CLIPTokenizer | None:
+    """The tokenizer a file we wrote carries in its metadata (a model whose vocabulary is not CLIP's)."""
+    stored = metadata.get(TOKENIZER_KEY)
+    return None if stored is None else tokenizer_from_json(stored, f"{path}: metadata {TOKENIZER_KEY}")
+
+
+def probe(
+    path: str | os.PathLike[str],
+    *,
+    prediction: Prediction | None = None,
+    ema: bool = False,
+    vae: str | os.PathLike[str] | None = None,
+) -> Probe:
     """Identify a checkpoint file or diffusers folder; reads only a safetensors header where it can. Raises
-    :class:`WeightsError`, as loading would, when the tensors do not fit the model the file describes."""
-    found = _open(path, prediction, shapes_only=True)[0]
+    :class:`WeightsError`, as loading would, when the tensors do not fit the model the file describes (with
+    ``ema`` and ``vae`` as :func:`load_model` takes them)."""
+    found = _open(path, prediction, shapes_only=True, ema=ema, vae=vae)[0]
     with torch.device("meta"):  # shapes only: no memory, a fraction of a second even at full size
         model = LatentDiffusion(found.config)
         fit_state_dict(model, {k: torch.empty(s) for k, s in found.shapes.items()}, optional=model.optional_keys())
@@ -209,10 +314,17 @@ def load_model(
     prediction: Prediction | None = None,
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
+    ema: bool = False,
+    vae: str | os.PathLike[str] | None = None,
 ) -> Loaded:
     """Load a single-file checkpoint or a diffusers folder. ``prediction`` overrides the file's (or the
-    assumed) prediction type; the notes say what was decided and why. ``dtype=None`` keeps the file's."""
-    found, tensors = _open(path, prediction, shapes_only=False)
+    assumed) prediction type; the notes say what was decided and why. ``dtype=None`` keeps the file's.
+
+    ``ema`` loads the UNet from the file's EMA copy (``model_ema.*`` of a training checkpoint) instead of its
+    live weights; a file without one is an error. ``vae`` is a separate autoencoder (an original-layout file,
+    bare or prefixed, or a diffusers ``AutoencoderKL`` folder, see :mod:`stablekit.weights.vae_file`) loaded in
+    place of the file's own; it must fit the model's autoencoder."""
+    found, tensors = _open(path, prediction, shapes_only=False, ema=ema, vae=vae)
     assert tensors is not None
     model, absent = build_model(found.config, tensors, dtype=dtype, device=device)
     del tensors
@@ -229,14 +341,19 @@ def save_model(
     *,
     layout: Layout = "original",
     dtype: torch.dtype | None = None,
+    tokenizer: CLIPTokenizer | None = None,
 ) -> None:
     """Write ``model`` as an original single ``.safetensors`` file (with its config in the metadata, so it
     loads back exactly) or as a diffusers folder. ``config`` defaults to the model's own; ``dtype`` casts
     floating-point tensors (e.g. ``torch.float16``). Either way the output appears whole or not at all; an
-    existing file or folder at ``path`` is replaced."""
+    existing file or folder at ``path`` is replaced.
+
+    ``tokenizer`` (default: a :class:`Loaded` model's own, else the built-in one) goes with the weights: into the
+    folder's ``tokenizer/``, or, when it is not the built-in CLIP tokenizer, into the single file's metadata."""
     absent: set[str] = set()
     if isinstance(model, Loaded):
         absent, net = set(model.absent), model.model
+        tokenizer = tokenizer or model.tokenizer
     else:
         net = model
     config = config or net.config
@@ -246,10 +363,13 @@ def save_model(
         if k not in absent
     }
     if layout == "original":
-        write_safetensors(path, state, {METADATA_KEY: config_to_json(config), "format": "pt"})
+        metadata = {METADATA_KEY: config_to_json(config), "format": "pt"}
+        if tokenizer is not None and not same_as_builtin(tokenizer, config.text.context_length):
+            metadata[TOKENIZER_KEY] = tokenizer_to_json(tokenizer)
+        write_safetensors(path, state, metadata)
     elif layout == "diffusers":
         # Filled under a temporary name and renamed: an interrupted write never leaves a folder that loads.
         with replacing_folder(path, overwrite=True) as tmp:
-            write_folder(tmp, config, state, optional=net.optional_keys())
+            write_folder(tmp, config, state, optional=net.optional_keys(), tokenizer=tokenizer)
     else:
         raise ValueError(f"unknown layout {layout!r}: original or diffusers")

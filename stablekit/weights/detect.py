@@ -4,7 +4,9 @@ Shapes give the family and every size: UNet width, levels, blocks, attention lev
 context width, text tower, VAE; non-standard sizes (tiny test models, the demo model) load as well as the
 releases. Three things are not in the shapes and are decided by rule, with a note saying so:
 
-- attention heads: SD1 and x4 use 8 heads, SD2 64-wide heads (the released YAMLs);
+- attention heads: SD1 and x4 use 8 heads, SD2 64-wide heads (the released YAMLs); the text tower's heads and
+  LayerNorm eps are the released tower's (CLIP ViT-L/14, OpenCLIP ViT-H/14) when its shapes are that tower's,
+  else 64-wide heads and eps 1e-5, with a note either way;
 - prediction type: SD2 512-base (eps) and 768-v (v) have identical shapes; ``global_step`` 875000 is
   2.0-base and 110000 is 2.1-v (diffusers' legacy rule), then the file name (``768`` vs ``512``/``base``),
   then diffusers' default for v2, v;
@@ -39,6 +41,8 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 TEXT = "cond_stage_model."
 METADATA_KEY = "stablekit.config"
+# A model's own tokenizer (see stablekit.text.files), stored only when it is not the built-in CLIP one.
+TOKENIZER_KEY = "stablekit.tokenizer"
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -71,6 +75,10 @@ def config_to_json(cfg: ModelConfig) -> str:
 
 
 def _build(cls: type, d: Mapping[str, Any]) -> Any:
+    if cls is TextConfig and "mlp_ratio" in d:
+        # Written before TextConfig held the MLP width: the MLP was width x mlp_ratio wide then.
+        width = int(d.get("width", TextConfig.width))
+        d = {"mlp_width": width * int(d["mlp_ratio"])} | {k: v for k, v in d.items() if k != "mlp_ratio"}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
@@ -164,51 +172,60 @@ def _text_sizes(s: Shapes, notes: list[str]) -> TextConfig:
     if hf + "embeddings.token_embedding.weight" in s:
         vocab, width = _get(s, hf + "embeddings.token_embedding.weight")
         layers = len(_indices(s, hf + "encoder.layers."))
-        base = PRESETS["sd1"].text
-        return replace(
-            base,
+        sizes = replace(
+            PRESETS["sd1"].text,
             vocab_size=vocab,
             width=width,
             context_length=_get(s, hf + "embeddings.position_embedding.weight")[0],
             layers=layers,
             layers_used=layers,
-            heads=_text_heads(width, base, notes),
-            mlp_ratio=_get(s, hf + "encoder.layers.0.mlp.fc1.weight")[0] // width,
+            heads=1,
+            mlp_width=_get(s, hf + "encoder.layers.0.mlp.fc1.weight")[0],
         )
+        return _text_unstored(sizes, PRESETS["sd1"].text, "CLIP ViT-L/14", notes)
     if oc + "token_embedding.weight" in s:
         vocab, width = _get(s, oc + "token_embedding.weight")
         stored = len(_indices(s, oc + "transformer.resblocks."))
-        base = PRESETS["sd2-base"].text
         proj = s.get(oc + "text_projection")
         if proj is None:
             # Converted from a diffusers folder, which keeps only the blocks that run (not the last one) and
             # no contrastive head.
             notes.append(f"OpenCLIP tower without text_projection: all {stored} stored blocks are run")
-        return replace(
-            base,
+        sizes = replace(
+            PRESETS["sd2-base"].text,
             vocab_size=vocab,
             width=width,
             context_length=_get(s, oc + "positional_embedding")[0],
             layers=stored if proj else stored + 1,
             layers_used=stored - 1 if proj else stored,  # SD2 reads the penultimate layer
-            heads=_text_heads(width, base, notes),
-            mlp_ratio=_get(s, oc + "transformer.resblocks.0.mlp.c_fc.weight")[0] // width,
+            heads=1,
+            mlp_width=_get(s, oc + "transformer.resblocks.0.mlp.c_fc.weight")[0],
             embed_dim=proj[1] if proj else width,
         )
+        return _text_unstored(sizes, PRESETS["sd2-base"].text, "OpenCLIP ViT-H/14", notes)
     raise WeightsError(
         f"cannot identify the text encoder: neither {hf}embeddings.token_embedding.weight (CLIP) nor "
         f"{oc}token_embedding.weight (OpenCLIP) is present"
     )
 
 
-def _text_heads(width: int, base: TextConfig, notes: list[str]) -> int:
-    # Both released towers use 64-wide heads (CLIP-L 12 x 64, OpenCLIP-H 16 x 64).
-    if width % 64 == 0:
-        return width // 64
+def _text_unstored(sizes: TextConfig, released: TextConfig, name: str, notes: list[str]) -> TextConfig:
+    """``sizes`` with the values no tensor records (heads, LayerNorm eps), each stated in a note: the released
+    tower's when every shape is that tower's, else 64-wide heads (both released towers' head width) and eps 1e-5."""
+    unstored = ("heads", "layer_norm_eps")
+    stored = {k: v for k, v in dataclasses.asdict(sizes).items() if k not in unstored}
+    if stored == {k: v for k, v in dataclasses.asdict(released).items() if k not in unstored}:
+        notes.append(
+            f"text encoder: {released.heads} heads and LayerNorm eps {released.layer_norm_eps:g} are {name}'s "
+            "(the weights do not record them; every shape is that released tower's)"
+        )
+        return released
+    heads = sizes.width // 64 if sizes.width % 64 == 0 else 1
     notes.append(
-        f"text heads cannot be read from the weights; width {width} is not a multiple of 64, assumed {base.heads} heads"
+        f"text encoder: heads and LayerNorm eps are not recorded in the weights and the shapes are not {name}'s: "
+        f"assumed {heads} head(s) of width {sizes.width // heads} and eps 1e-05"
     )
-    return base.heads
+    return replace(sizes, heads=heads, layer_norm_eps=1e-5)
 
 
 def _unet_heads(unet: UNetConfig, sd2: bool, notes: list[str]) -> UNetConfig:

@@ -21,7 +21,8 @@ from stablekit.config import (
     ModelConfig,
     TextConfig,
 )
-from stablekit.text.tokenizer import EOT, _load_vocab
+from stablekit.text.files import read_tokenizer_folder, same_as_builtin, tokenizer_files, write_tokenizer_files
+from stablekit.text.tokenizer import EOT, CLIPTokenizer, default_tokenizer
 from stablekit.weights.components import read_weights
 from stablekit.weights.convert import WeightsError, from_original, to_original
 from stablekit.weights.detect import TEXT, UNET, VAE, family_from
@@ -33,6 +34,7 @@ from stablekit.weights.schedulers import (
     sampler_from_diffusers,
     schedule_from_diffusers,
     schedule_to_diffusers,
+    scheduler_to_diffusers,
 )
 from stablekit.weights.tables.text import (
     diffusers_text_config,
@@ -73,6 +75,8 @@ class DiffusersFolder:
     tensors: dict[str, Tensor]
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The folder's own ``tokenizer/``; None when it has none (the built-in CLIP vocabulary is used).
+    tokenizer: CLIPTokenizer | None = None
 
 
 def is_diffusers_folder(path: str | os.PathLike[str]) -> bool:
@@ -115,7 +119,7 @@ def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelCon
         raise CheckpointError(f"{folder}: {e}") from e
     sched = _json(os.path.join(folder, "scheduler", "scheduler_config.json"))
     preset = PRESETS[family_from(unet, text, PREDICTIONS.get(sched.get("prediction_type", "epsilon"), "eps"))]
-    sampler = sampler_from_diffusers(sched, preset.default_sampler, notes)
+    sampler, sampler_options = sampler_from_diffusers(sched, preset.default_sampler, notes)
     low_res = preset.low_res_schedule
     if low_res is not None and os.path.isfile(p := os.path.join(folder, "low_res_scheduler", "scheduler_config.json")):
         low_res = schedule_from_diffusers(_json(p), low_res)
@@ -133,6 +137,7 @@ def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelCon
         low_res_schedule=low_res,
         default_size=size,
         default_sampler=sampler,
+        default_sampler_options=sampler_options,
         max_noise_level=int(index.get("max_noise_level", preset.max_noise_level)),
     )
 
@@ -147,6 +152,8 @@ def read_folder(path: str | os.PathLike[str], *, variant: str | None = None) -> 
         raise CheckpointError(f"{folder}: model_index.json has no {', '.join(missing)}: not a Stable Diffusion folder")
     notes: list[str] = []
     config = _config(folder, index, notes)
+    tokenizer, text = _folder_tokenizer(folder, config.text, notes)
+    config = replace(config, text=text)
     tensors: dict[str, Tensor] = {}
     files: list[str] = []
     for component, prefix in _PREFIXES.items():
@@ -162,39 +169,34 @@ def read_folder(path: str | os.PathLike[str], *, variant: str | None = None) -> 
     extra = sorted(k for k, v in index.items() if k not in used and isinstance(v, list) and v and v[0])
     if extra:
         notes.append(f"components not used by stablekit: {', '.join(extra)}")
-    return DiffusersFolder(config, tensors, files, notes)
+    return DiffusersFolder(config, tensors, files, notes, tokenizer)
 
 
-def _tokenizer_files(text: TextConfig) -> dict[str, Any]:
-    vocab = _load_vocab()
-    merges = sorted(vocab.ranks, key=vocab.ranks.__getitem__)
-    pad = vocab.tokens[text.pad_token]
-    special = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad,
-    }
-    return {
-        "vocab.json": {t: i for i, t in enumerate(vocab.tokens)},
-        "merges.txt": "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-        "special_tokens_map.json": special,
-        "tokenizer_config.json": {
-            "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": text.context_length,
-            "do_lower_case": True,
-            "errors": "replace",
-            **special,
-        },
-    }
+def _folder_tokenizer(folder: str, text: TextConfig, notes: list[str]) -> tuple[CLIPTokenizer | None, TextConfig]:
+    """The folder's ``tokenizer/`` and the text config padding as it does; without one, the built-in vocabulary
+    and the family's padding, with a note saying so."""
+    sub = os.path.join(folder, "tokenizer")
+    if not os.path.lexists(sub):
+        pad = "<|endoftext|> (49407), as SD1's" if text.pad_token == EOT else f"id {text.pad_token}, as SD2's"
+        notes.append(
+            f"no tokenizer/ folder: prompts use the built-in CLIP vocabulary, padded with {pad} tokenizer does "
+            f"(assumed from the text encoder's hidden_act {text.activation})"
+        )
+        return None, text
+    tok = read_tokenizer_folder(sub)
+    assert tok.pad_id is not None  # a tokenizer folder always pads (CLIPTokenizer's default: <|endoftext|>)
+    return tok, replace(text, pad_token=tok.pad_id)
 
 
-def write_tokenizer(folder: str | os.PathLike[str], text: TextConfig) -> None:
-    """A transformers ``CLIPTokenizer`` folder for our vocabulary, padding like the family does."""
-    os.makedirs(folder, exist_ok=True)
-    for name, content in _tokenizer_files(text).items():
-        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            f.write(content if isinstance(content, str) else json.dumps(content, ensure_ascii=False))
+def write_tokenizer(folder: str | os.PathLike[str], text: TextConfig, tokenizer: CLIPTokenizer | None = None) -> None:
+    """A transformers ``CLIPTokenizer`` folder for ``tokenizer`` (default: the built-in vocabulary), padding as
+    ``text`` says."""
+    tok = tokenizer or default_tokenizer()
+    if same_as_builtin(tok, text.context_length) and text.kind == "openai" and text.pad_token != EOT:
+        raise WeightsError("an OpenAI-CLIP tokenizer folder can only pad with <|endoftext|>")
+    write_tokenizer_files(
+        folder, tokenizer_files(tok, pad=text.pad_token, max_length=tok.max_length or text.context_length)
+    )
 
 
 def _write_json(path: str, d: Mapping[str, Any]) -> None:
@@ -230,11 +232,14 @@ def write_folder(
     state: Mapping[str, Tensor],
     *,
     optional: tuple[str, ...] = (),
+    tokenizer: CLIPTokenizer | None = None,
 ) -> None:
     """Write a diffusers folder from an original-layout state dict. ``optional`` are original keys diffusers
-    does not store (the text tower's unused parts)."""
+    does not store (the text tower's unused parts); ``tokenizer`` is the model's own (default: the built-in
+    vocabulary)."""
     folder = os.fspath(path)
-    if config.text.kind == "openai" and config.text.pad_token != EOT:
+    own = tokenizer is not None and not same_as_builtin(tokenizer, config.text.context_length)
+    if not own and config.text.kind == "openai" and config.text.pad_token != EOT:
         raise WeightsError("an OpenAI-CLIP tokenizer folder can only pad with <|endoftext|>")
     sampler = SCHEDULER_CLASSES.get(config.default_sampler, "DDIMScheduler")
     index: dict[str, Any] = {
@@ -265,11 +270,12 @@ def write_folder(
         )
         write_safetensors(os.path.join(sub, _WEIGHT_NAMES[component][0] + ".safetensors"), tensors, {"format": "pt"})
 
-    _write_json(
-        os.path.join(folder, "scheduler", "scheduler_config.json"), schedule_to_diffusers(config.schedule, sampler)
-    )
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler_to_diffusers(config))
     if config.low_res_schedule is not None:
         low = schedule_to_diffusers(config.low_res_schedule, "DDPMScheduler")
         low |= {"clip_sample": True, "variance_type": "fixed_small"}
         _write_json(os.path.join(folder, "low_res_scheduler", "scheduler_config.json"), low)
-    write_tokenizer(os.path.join(folder, "tokenizer"), config.text)
+    if own:
+        write_tokenizer(os.path.join(folder, "tokenizer"), config.text, tokenizer)
+    else:
+        write_tokenizer(os.path.join(folder, "tokenizer"), config.text)

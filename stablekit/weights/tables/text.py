@@ -80,12 +80,12 @@ def diffusers_text_config(cfg: TextConfig) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.context_length,
         "hidden_size": cfg.width,
-        "intermediate_size": cfg.width * cfg.mlp_ratio,
+        "intermediate_size": cfg.mlp_width,
         "num_attention_heads": cfg.heads,
         # diffusers stores only the OpenCLIP blocks that run; an OpenAI tower keeps all its layers.
         "num_hidden_layers": cfg.layers_used if cfg.kind == "openclip" else cfg.layers,
         "hidden_act": cfg.activation,
-        "layer_norm_eps": 1e-5,
+        "layer_norm_eps": cfg.layer_norm_eps,
         "projection_dim": cfg.embed_dim,
         "attention_dropout": 0.0,
         "dropout": 0.0,
@@ -99,22 +99,26 @@ def diffusers_text_config(cfg: TextConfig) -> dict[str, Any]:
 
 
 def text_config_from_diffusers(d: dict[str, Any]) -> TextConfig:
-    """The :class:`TextConfig` of a ``CLIPTextModel`` config.
+    """The :class:`TextConfig` of a ``CLIPTextModel`` config; a key it lacks takes ``CLIPTextConfig``'s default,
+    as transformers reads the file.
 
     The activation tells the towers apart: OpenAI CLIP (SD1) uses quick-GELU, OpenCLIP (SD2/x4) exact
     GELU. An OpenCLIP folder holds the ``layers_used`` blocks that run, so the original tower had one more.
+    The pad id set here is the family's; a folder's own tokenizer replaces it.
     """
-    width, n = int(d["hidden_size"]), int(d["num_hidden_layers"])
+    width, n = int(d.get("hidden_size", 512)), int(d.get("num_hidden_layers", 12))
     act = d.get("hidden_act", "quick_gelu")
+    heads = int(d.get("num_attention_heads", 8))
+    if heads < 1 or width % heads:
+        raise ValueError(f"text encoder hidden_size {width} does not split into num_attention_heads {heads}")
     common: dict[str, Any] = {
         "vocab_size": int(d.get("vocab_size", 49408)),
         "context_length": int(d.get("max_position_embeddings", 77)),
         "width": width,
-        "heads": int(d["num_attention_heads"]),
-        "mlp_ratio": int(d["intermediate_size"]) // width,
+        "heads": heads,
+        "mlp_width": int(d.get("intermediate_size", 2048)),
+        "layer_norm_eps": float(d.get("layer_norm_eps", 1e-5)),
     }
-    if int(d["intermediate_size"]) != width * common["mlp_ratio"]:
-        raise ValueError(f"intermediate_size {d['intermediate_size']} is no multiple of hidden_size {width}")
     if act == "quick_gelu":
         return TextConfig(kind="openai", layers=n, layers_used=n, activation="quick_gelu", pad_token=49407, **common)
     if act == "gelu":
