@@ -320,3 +320,15 @@ def test_image_fields_are_decoded_never_fetched(server: tuple[str, Service]) -> 
         assert r.status_code == 400 and message in r.json()["error"], (value, r.text)
     r = httpx.post(f"{url}/v1/jobs", json={**base}, timeout=30)
     assert r.status_code == 400 and "image: required for img2img" in r.json()["error"]
+
+
+def test_previews_are_streamed_every_n_steps(server: tuple[str, Service]) -> None:
+    url, _ = server
+    body = {"prompt": PROMPT, "steps": 4, "seed": 1, "width": 64, "height": 64, "sampler": "Euler", "preview_every": 2}
+    with httpx.stream("POST", f"{url}/v1/generate", json=body, timeout=60) as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+    previews = [e for e in events if e["event"] == "preview"]
+    assert [e["step"] for e in previews] == [2, 4]
+    assert all(_png(e["images"][0]).size == (64, 64) for e in previews)
+    bad = httpx.post(f"{url}/v1/jobs", json={**body, "preview_every": -1}, timeout=10)
+    assert bad.status_code == 400 and "preview_every" in bad.json()["error"]

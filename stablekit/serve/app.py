@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stablekit.serve import native, score
+from stablekit.serve import a1111, native, score
 from stablekit.serve.http import check_api_key, error_response
 from stablekit.serve.service import Service
 from stablekit.serve.wire import ApiError
@@ -69,4 +69,5 @@ def create_app(service: Service) -> FastAPI:
     guarded = [Depends(authorized)]
     app.include_router(score.router(service), dependencies=guarded)
     app.include_router(native.router(service), dependencies=guarded)
+    app.include_router(a1111.router(service), dependencies=guarded)
     return app

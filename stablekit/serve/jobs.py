@@ -47,12 +47,14 @@ class Job:
     params: GenerationParams  # resolved seed filled in at submission, so a merged batch keeps it
     run: Runner
     batchable: bool = False
+    preview_every: int = 0  # decode the x0 estimate every N steps for the event stream (0: never)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: State = "queued"
     step: int = 0
     total: int = 0
     batch: int = 0
     outputs: list[Output] = field(default_factory=list)
+    previews: list[Image.Image] = field(default_factory=list)  # the latest preview per image of the batch
     notices: list[str] = field(default_factory=list)
     error: JobError | None = None
     created: float = field(default_factory=time.monotonic)

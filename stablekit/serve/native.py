@@ -46,6 +46,7 @@ class JobRequest(BaseModel):
     depth_map: StrictStr | None = None
     strength: StrictFloat | StrictInt | None = None
     noise_level: StrictInt | None = None
+    preview_every: StrictInt = 0  # a "preview" event with the decoded x0 estimate every N steps (0: none)
 
 
 def _job_json(job: Job, *, images: bool) -> dict[str, Any]:
@@ -89,7 +90,11 @@ def router(service: Service) -> APIRouter:
         )
         run = runner(req.task, inputs)
         params = service.check(params, input_size(service.pipe, req.task, inputs))
-        return service.submit(req.task, params, run, batchable=req.task == "txt2img")
+        if not 0 <= req.preview_every <= 1000:
+            raise ApiError(
+                400, f"preview_every: must be in [0, 1000] (steps between previews), got {req.preview_every}"
+            )
+        return service.submit(req.task, params, run, batchable=req.task == "txt2img", preview_every=req.preview_every)
 
     def find(job_id: str) -> Job:
         job = service.worker.jobs.get(job_id)
@@ -113,6 +118,8 @@ def router(service: Service) -> APIRouter:
             if event["event"] == "image":  # the worker says which; the bytes are encoded here, off its thread
                 out = job.outputs[event["index"]]
                 event = {**event, "image": png_base64(out.image, out.parameters)}
+            elif event["event"] == "preview":
+                event = {**event, "images": [png_base64(im) for im in job.previews]}
             yield _sse(event)
             if event["event"] == "done":
                 return

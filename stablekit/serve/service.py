@@ -40,8 +40,10 @@ class Service:
         except ValueError as e:
             raise ApiError(400, str(e)) from e
 
-    def submit(self, task: str, params: GenerationParams, run: Runner, *, batchable: bool = False) -> Job:
-        job = Job(task, params, run, batchable=batchable)
+    def submit(
+        self, task: str, params: GenerationParams, run: Runner, *, batchable: bool = False, preview_every: int = 0
+    ) -> Job:
+        job = Job(task, params, run, batchable=batchable, preview_every=preview_every)
         try:
             self.worker.submit(job)
         except QueueFull as e:

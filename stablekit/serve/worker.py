@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from stablekit.images import to_pil
 from stablekit.pipelines import Generated, GenerationParams, NonFiniteError, Notice, Pipeline, Progress
 from stablekit.pipelines.events import Event
 from stablekit.pipelines.params import resolve
@@ -231,11 +232,22 @@ class Worker:
             for job in jobs:
                 job.step, job.total, job.batch = ev.step, ev.total, ev.batch
                 job.publish({"event": "progress", "id": job.id, "step": ev.step, "total": ev.total, "batch": ev.batch})
+                if job.preview_every and (ev.step % job.preview_every == 0 or ev.step == ev.total):
+                    self._preview(job, ev, owners)
         elif isinstance(ev, Generated):
             for i, (image, seed, text) in enumerate(zip(ev.images, ev.seeds, ev.parameters, strict=True)):
                 owner = owners[i] if len(owners) == len(ev.images) else jobs[0]
                 owner.outputs.append(Output(image, seed, text))
                 owner.publish({"event": "image", "id": owner.id, "index": len(owner.outputs) - 1, "seed": seed})
+
+    def _preview(self, job: Job, ev: Progress, owners: list[Job]) -> None:
+        """Decode this job's images of the x0 estimate: what the image will look like, at a decode's cost."""
+        rows = [i for i, owner in enumerate(owners) if owner is job] if len(owners) == len(ev.denoised) else []
+        if not rows:
+            rows = list(range(len(ev.denoised)))
+        with torch.inference_mode():
+            job.previews = to_pil(self.pipe.decode(ev.denoised[rows]))
+        job.publish({"event": "preview", "id": job.id, "step": ev.step, "count": len(job.previews)})
 
     def _fail(self, jobs: list[Job], error: JobError) -> None:
         for job in jobs:
