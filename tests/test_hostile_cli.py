@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -335,3 +336,28 @@ def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(  # type: ignore[
     out = tmp_path / "o.png"
     assert main(["generate", "x", "--model", str(path), "-W", "64", "-H", "64", "--steps", "1", "-o", str(out)]) == 1
     _one_line_error(capsys, "out.2.bias holds 1 NaN or infinite value(s)")
+
+
+def test_community_extras_are_reported_and_never_loaded(model: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # What merges and old training tools leave in a file: reported by info, set aside by the loader.
+    def extras(state: dict[str, torch.Tensor]) -> None:
+        state["embedding_manager.embedder.transformer.x"] = torch.ones(3)
+        state["lora_unet_down_blocks_0.alpha"] = torch.ones(1)
+
+    merged = _rewritten(model, tmp_path / "merged.safetensors", extras)
+    assert main(["info", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "2 key(s): not part of a Stable Diffusion network" in out and "embedding_manager" in out
+    images = []
+    for path in (model, merged):
+        out_png = tmp_path / f"{path.stem}.png"
+        args = ["generate", "x", "--model", str(path), "-W", "64", "-H", "64", "--steps", "2", "--seed", "1"]
+        assert main([*args, "-o", str(out_png)]) == 0
+        images.append(np.asarray(Image.open(out_png)))
+    assert np.array_equal(images[0], images[1])
+    # A key under a network's prefix that fits nothing is still an error, never skipped.
+    stray = _rewritten(
+        model, tmp_path / "stray.safetensors", lambda s: s.__setitem__("model.diffusion_model.zz", torch.ones(1))
+    )
+    assert main(["info", str(stray)]) == 1
+    _one_line_error(capsys, "model.diffusion_model.zz")

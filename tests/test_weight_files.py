@@ -121,3 +121,21 @@ def test_an_index_that_lies_is_refused(pipe: Any, tmp_path: Path, edit: Any, mes
     path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=message):
         load_model(tmp_path)
+
+
+def test_variant_flag_picks_the_variant_through_every_entry_point(
+    pipe: Any, plain: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stablekit.cli import main
+
+    pipe.save_pretrained(tmp_path)
+    copy.deepcopy(pipe).to(torch.float16).save_pretrained(tmp_path, variant="fp16")
+    _same(tmp_path, plain, torch.float16, variant="fp16")
+    _same(tmp_path, plain, torch.float32)  # the plain files when no variant is asked for
+    assert main(["info", str(tmp_path), "--variant", "fp16"]) == 0
+    assert "float16" in capsys.readouterr().out
+    assert main(["info", str(tmp_path), "--variant", "bf16"]) == 1
+    assert "variants present: fp16" in capsys.readouterr().err
+    single = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(ValueError, match="single file"):
+        load_model(single, variant="fp16")

@@ -100,6 +100,7 @@ def describe(found: Probe) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    for line in describe(probe(args.path, prediction=args.prediction, ema=args.ema, vae=args.vae)):
+    found = probe(args.path, prediction=args.prediction, ema=args.ema, vae=args.vae, variant=args.variant)
+    for line in describe(found):
         print(line)
     return 0

@@ -58,6 +58,11 @@ def add_weights_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ema", action="store_true", help="sample with the file's EMA UNet weights (model_ema.*), not its live ones"
     )
+    p.add_argument(
+        "--variant",
+        help="a diffusers folder's weights variant, e.g. fp16 for *.fp16.safetensors (default: the plain files, or "
+        "the only variant present)",
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser, *, size: bool = True, batch: bool = True) -> None:
@@ -142,6 +147,7 @@ def load_pipeline(args: argparse.Namespace, default: Callable[[], Path], what: s
         ema=args.ema,
         vae=args.vae,
         clip_skip=args.clip_skip,
+        variant=args.variant,
     )
     for note in pipe.notes:
         print(f"note: {note}", file=sys.stderr)

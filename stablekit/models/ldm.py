@@ -54,6 +54,13 @@ EXTRA_KEYS: dict[str, str] = {
 T = TypeVar("T")
 
 
+# The three networks' key prefixes. A key under none of them, and not a known extra, was left by the tool that
+# made the file (community merges carry embedding managers, LoRA leftovers, merge recipes): set aside and reported,
+# never loaded. A key under a network prefix that does not fit is an error at load, never skipped.
+NETWORK_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
+FOREIGN = "not part of a Stable Diffusion network (left by the tool that made the file); ignored"
+
+
 def split_extras(state: Mapping[str, T]) -> tuple[dict[str, T], dict[str, list[str]]]:
     """(network weights, {reason: keys}) of an original-layout state dict (of tensors, or of shapes)."""
     weights: dict[str, T] = {}
@@ -62,6 +69,8 @@ def split_extras(state: Mapping[str, T]) -> tuple[dict[str, T], dict[str, list[s
         reason = EXTRA_KEYS.get(key) or next(
             (why for p, why in EXTRA_KEYS.items() if p.endswith(".") and key.startswith(p)), None
         )
+        if reason is None and not key.startswith(NETWORK_PREFIXES):
+            reason = FOREIGN
         if reason is None:
             weights[key] = tensor
         else:

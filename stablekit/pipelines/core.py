@@ -134,14 +134,15 @@ class Pipeline:
         ema: bool = False,
         vae: str | Path | None = None,
         clip_skip: int = 1,
+        variant: str | None = None,
     ) -> Pipeline:
-        """Load ``path`` (see :func:`stablekit.weights.load_model`; ``ema`` and ``vae`` are passed on: the UNet's
-        EMA weights, and a separate autoencoder in place of the file's own)."""
+        """Load ``path`` (see :func:`stablekit.weights.load_model`; ``ema``, ``vae`` and ``variant`` are passed on:
+        the UNet's EMA weights, a separate autoencoder in place of the file's own, a diffusers folder's variant)."""
         from stablekit.weights import load_model
 
         dev = resolve_device(device)
         dt = dtype if dtype is not None else default_dtype(dev)
-        loaded = load_model(path, prediction=prediction, dtype=dt, device=dev, ema=ema, vae=vae)
+        loaded = load_model(path, prediction=prediction, dtype=dt, device=dev, ema=ema, vae=vae, variant=variant)
         return cls(
             loaded.model,
             loaded.config,

@@ -132,6 +132,7 @@ def _open(
     *,
     ema: bool = False,
     vae: str | os.PathLike[str] | None = None,
+    variant: str | None = None,
 ) -> tuple[Probe, dict[str, Tensor] | None]:
     path = os.fspath(path)
     tensors: dict[str, Tensor] | None
@@ -140,7 +141,9 @@ def _open(
             raise CheckpointError(f"{path}: a folder without model_index.json is not a diffusers pipeline")
         if ema:
             raise WeightsError(f"{path}: a diffusers folder holds no EMA copy of the UNet: load it without --ema")
-        found, tensors, dtypes = _open_folder(path, prediction)
+        found, tensors, dtypes = _open_folder(path, prediction, variant)
+    elif variant is not None:
+        raise WeightsError(f"{path}: variant {variant!r} names files in a diffusers folder; this is a single file")
     else:
         found, tensors, dtypes = _open_file(path, prediction, shapes_only, ema)
     if vae is not None:
@@ -155,8 +158,10 @@ def _open(
     return found, tensors
 
 
-def _open_folder(path: str, prediction: Prediction | None) -> tuple[Probe, dict[str, Tensor], dict[str, torch.dtype]]:
-    folder = read_folder(path)
+def _open_folder(
+    path: str, prediction: Prediction | None, variant: str | None
+) -> tuple[Probe, dict[str, Tensor], dict[str, torch.dtype]]:
+    folder = read_folder(path, variant=variant)
     cfg, source = folder.config, "scheduler/scheduler_config.json prediction_type"
     if prediction is not None and prediction != cfg.schedule.prediction:
         cfg, source = cfg.with_prediction(prediction), "given by the caller"
@@ -259,11 +264,12 @@ def probe(
     prediction: Prediction | None = None,
     ema: bool = False,
     vae: str | os.PathLike[str] | None = None,
+    variant: str | None = None,
 ) -> Probe:
     """Identify a checkpoint file or diffusers folder; reads only a safetensors header where it can. Raises
     :class:`WeightsError`, as loading would, when the tensors do not fit the model the file describes (with
     ``ema`` and ``vae`` as :func:`load_model` takes them)."""
-    found = _open(path, prediction, shapes_only=True, ema=ema, vae=vae)[0]
+    found = _open(path, prediction, shapes_only=True, ema=ema, vae=vae, variant=variant)[0]
     with torch.device("meta"):  # shapes only: no memory, a fraction of a second even at full size
         model = LatentDiffusion(found.config)
         fit_state_dict(model, {k: torch.empty(s) for k, s in found.shapes.items()}, optional=model.optional_keys())
@@ -316,6 +322,7 @@ def load_model(
     device: str | torch.device = "cpu",
     ema: bool = False,
     vae: str | os.PathLike[str] | None = None,
+    variant: str | None = None,
 ) -> Loaded:
     """Load a single-file checkpoint or a diffusers folder. ``prediction`` overrides the file's (or the
     assumed) prediction type; the notes say what was decided and why. ``dtype=None`` keeps the file's.
@@ -323,8 +330,10 @@ def load_model(
     ``ema`` loads the UNet from the file's EMA copy (``model_ema.*`` of a training checkpoint) instead of its
     live weights; a file without one is an error. ``vae`` is a separate autoencoder (an original-layout file,
     bare or prefixed, or a diffusers ``AutoencoderKL`` folder, see :mod:`stablekit.weights.vae_file`) loaded in
-    place of the file's own; it must fit the model's autoencoder."""
-    found, tensors = _open(path, prediction, shapes_only=False, ema=ema, vae=vae)
+    place of the file's own; it must fit the model's autoencoder. ``variant`` picks a diffusers folder's
+    ``*.VARIANT.safetensors`` weights (``"fp16"``), as diffusers' ``variant=`` does; without it the plain files
+    are read, or the only variant there is (with a note)."""
+    found, tensors = _open(path, prediction, shapes_only=False, ema=ema, vae=vae, variant=variant)
     assert tensors is not None
     model, absent = build_model(found.config, tensors, dtype=dtype, device=device)
     del tensors
