@@ -6,12 +6,11 @@ Each reference pipeline is built from the components of diffusers' own fast test
 perturbed, and written with diffusers' ``save_pretrained``; OUR loader reads that folder, and diffusers'
 ``from_pretrained`` reads it back for the reference.
 
-Changed from the fixtures, because our loader does not read them yet (another issue):
+Changed from the fixtures here (``tests/test_diffusers_fixtures.py`` runs them unchanged, with their own small
+vocabulary and tokenizer files):
 
-- the CLIP text config: ``intermediate_size`` 37 -> 128 (= 4 x hidden_size 32; our tower needs a whole MLP
-  ratio) and ``vocab_size`` 1000 -> 49408, with the full CLIP tokenizer from :func:`hf_clip_tokenizer` in place of
-  ``hf-internal-testing/tiny-random-clip`` (small vocabularies with their own tokenizer files are not supported;
-  no network here either);
+- the CLIP text config: ``intermediate_size`` 37 -> 128 and ``vocab_size`` 1000 -> 49408, with the full CLIP
+  tokenizer from :func:`hf_clip_tokenizer`, so these cases also exercise the released tokenizer;
 - depth's ``DPTImageProcessor`` is built here rather than downloaded, resizing to the tiny DPT's own 32x32 input
   (transformers refuses any other size for it); with a depth map given it is unused, without one both sides
   estimate depth through it.
