@@ -332,3 +332,19 @@ def test_previews_are_streamed_every_n_steps(server: tuple[str, Service]) -> Non
     assert all(_png(e["images"][0]).size == (64, 64) for e in previews)
     bad = httpx.post(f"{url}/v1/jobs", json={**body, "preview_every": -1}, timeout=10)
     assert bad.status_code == 400 and "preview_every" in bad.json()["error"]
+
+
+def test_score_a1111_and_generate_give_one_image(server: tuple[str, Service], model: Path, tmp_path: Path) -> None:
+    # The proof: the same seed and settings through each door give the same PNG pixels and infotext.
+    url, _ = server
+    out = tmp_path / "cli.png"
+    cli = ["generate", PROMPT, "--model", str(model), "--steps", "3", "--guidance", "7.5", "--seed", "3"]
+    assert main([*cli, "--sampler", "Euler a", "-W", "64", "-H", "64", "-o", str(out)]) == 0
+    score = _png(_score(url, [PROMPT], sampler="Euler a").json()[0]["generated_image"])
+    body = {"prompt": PROMPT, "steps": 3, "cfg_scale": 7.5, "seed": 3, "width": 64, "height": 64}
+    a1111 = httpx.post(f"{url}/sdapi/v1/txt2img", json={**body, "sampler_name": "Euler a"}, timeout=60)
+    assert a1111.status_code == 200, a1111.text
+    sdapi = _png(a1111.json()["images"][0])
+    written = Image.open(out)
+    assert _same(score, written) and _same(sdapi, written)
+    assert score.text["parameters"] == written.text["parameters"] == sdapi.text["parameters"]  # type: ignore[attr-defined]
