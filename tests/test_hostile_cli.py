@@ -22,18 +22,12 @@ from safetensors.torch import save_file
 import stablekit.cli as cli
 from stablekit.cli import main
 from stablekit.images import read_parameters, save_png
-from stablekit.models.ldm import LatentDiffusion
 from stablekit.pipelines import GenerationParams, Pipeline, collect, txt2img
-from stablekit.weights import save_model
-from tests.tiny import TINY_SD1
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(LatentDiffusion(TINY_SD1), TINY_SD1, path)
-    return path
+def model(tiny_model_file: Path) -> Path:
+    return tiny_model_file
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], message: str) -> None:

@@ -19,24 +19,18 @@ import torch
 from PIL import Image
 
 from stablekit.cli import main
-from stablekit.models.ldm import LatentDiffusion
 from stablekit.pipelines import GenerationParams, NonFiniteError, Pipeline, Progress, collect, txt2img
 from stablekit.pipelines.events import Event
 from stablekit.serve import ServeSettings, Service, WorkerSettings, create_app
-from stablekit.weights import save_model
 from tests.serving import running
-from tests.tiny import TINY_SD1
 
 PROMPT = "a red circle on a blue background"
 SETTINGS = {"num_inference_steps": 3, "guidance_scale": 7.5, "seed": 3, "width": 64, "height": 64}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(LatentDiffusion(TINY_SD1), TINY_SD1, path)
-    return path
+def model(tiny_model_file: Path) -> Path:
+    return tiny_model_file
 
 
 @pytest.fixture(scope="module")

@@ -9,34 +9,28 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import torch
 import webuiapi
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter1d
 
-from stablekit.models.ldm import LatentDiffusion
 from stablekit.pipelines import GenerationParams, Pipeline, collect, img2img, inpaint, txt2img
 from stablekit.serve import ServeSettings, Service, create_app
 from stablekit.serve.a1111 import parse_infotext
-from stablekit.weights import save_model
 from tests.serving import running
-from tests.tiny import TINY_SD1
 
 PROMPT = "a red circle on a blue background"
 SIZE: dict[str, Any] = {"width": 64, "height": 64, "cfg_scale": 7.5}
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(LatentDiffusion(TINY_SD1), TINY_SD1, path)
-    return Pipeline.from_file(path, device="cpu")
+def pipe(tiny_model_file: Path) -> Pipeline:
+    return Pipeline.from_file(tiny_model_file, device="cpu")
 
 
 @pytest.fixture(scope="module")
