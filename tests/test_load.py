@@ -288,3 +288,27 @@ def test_deflated_checkpoint_within_the_ratio_loads(tmp_path: Path) -> None:
     _rezip_deflated(src, packed)
     got = read_checkpoint(packed).tensors
     assert got is not None and all(torch.equal(got[k], v) for k, v in state.items())
+
+
+def test_a_pickle_memo_index_cannot_size_the_memo(tmp_path: Path) -> None:
+    # Fuzzing found it: "}" then LONG_BINPUT 0x04000000 (9 bytes) made CPython's unpickler allocate a 1 GB memo,
+    # and 0x7fffffff would ask for 32 GB. A pickler numbers memo entries from 0, so such an index is refused.
+    pkl = b"\x80\x02}r" + struct.pack("<I", 0x04000000) + b"."
+    path = tmp_path / "memo.ckpt"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pkl)
+    with pytest.raises(CheckpointError, match="memo index"):
+        read_checkpoint(path)
+    assert _peak_rss_growth_mb(path) < 64
+    legacy = Path(__file__).parent / "data" / "fuzz" / "legacy-pickle-memo-index-1gb.pt"
+    with pytest.raises(CheckpointError, match="memo index"):
+        read_checkpoint(legacy)
+    assert _peak_rss_growth_mb(legacy) < 64
+
+
+def test_a_declared_length_past_the_end_is_not_allocated() -> None:
+    # A BINUNICODE declaring 3 GB: a file object's read(n) allocates n before finding the file shorter.
+    path = Path(__file__).parent / "data" / "fuzz" / "legacy-declared-3gb-string.pt"
+    with pytest.raises(CheckpointError, match="malformed pickle"):
+        read_checkpoint(path)
+    assert _peak_rss_growth_mb(path) < 64

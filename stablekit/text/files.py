@@ -13,6 +13,7 @@ Every error is a :class:`TokenizerError` whose message names the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -34,8 +35,8 @@ def _read_json(path: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise TokenizerError(f"{path}: not a readable JSON file: {' '.join(str(e).split())}") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 4300-digit integer
+        raise TokenizerError(f"{path}: not a readable JSON file: {' '.join(str(e).split())[:300]}") from e
 
 
 def _read_object(path: str) -> dict[str, Any]:
@@ -136,8 +137,10 @@ def read_tokenizer_folder(folder: str | os.PathLike[str]) -> CLIPTokenizer:
     if os.path.lexists(map_path):
         named |= {k: _token_text(v, map_path) for k, v in _read_object(map_path).items() if k in _SPECIALS}
     max_length = config.get("model_max_length")
-    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, float))):
-        raise TokenizerError(f"{config_path}: model_max_length is {max_length!r}, not a number")
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, (int, float)) or not math.isfinite(max_length)
+    ):
+        raise TokenizerError(f"{config_path}: model_max_length is {max_length!r}, not a finite number")
     return _checked(
         lambda: CLIPTokenizer(
             Vocabulary(vocab, merges),

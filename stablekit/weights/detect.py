@@ -93,7 +93,39 @@ def config_from_json(text: str) -> ModelConfig:
         raise ValueError("not a JSON object")
     parts = {k: _build(c, d[k]) if isinstance(d.get(k), dict) else d.get(k) for k, c in _NESTED.items() if k in d}
     cfg: ModelConfig = _build(ModelConfig, {**d, **parts})
+    _plausible(cfg)
     return cfg
+
+
+def _plausible(cfg: ModelConfig) -> None:
+    """A stored config builds the model before any tensor is read, so its sizes are checked first: GroupNorm
+    needs channels divisible by the group count, and a 1.5 kB file saying ``num_res_blocks: 100000`` would keep
+    ``probe`` building modules for minutes. The bounds are far above any Stable Diffusion."""
+    u, v = cfg.unet, cfg.vae
+    ints = {
+        "unet.model_channels": (u.model_channels, 4096),
+        "unet.num_res_blocks": (u.num_res_blocks, 16),
+        "unet.transformer_depth": (u.transformer_depth, 64),
+        "unet.context_dim": (u.context_dim, 16384),
+        "unet.in_channels": (u.in_channels, 64),
+        "vae.ch": (v.ch, 4096),
+        "vae.num_res_blocks": (v.num_res_blocks, 16),
+        "vae.z_channels": (v.z_channels, 64),
+        "text.layers": (cfg.text.layers, 128),
+        "text.width": (cfg.text.width, 16384),
+    }
+    for name, (value, most) in ints.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+            raise ValueError(f"{name} is {value!r}, outside 1..{most}")
+    for name, mults in (("unet.channel_mult", u.channel_mult), ("vae.ch_mult", v.ch_mult)):
+        if not 1 <= len(mults) <= 8 or not all(isinstance(m, int) and 1 <= m <= 16 for m in mults):
+            raise ValueError(f"{name} {mults!r} is not 1-8 levels of multipliers in 1..16")
+    for name, base, mults, groups in (
+        ("unet", u.model_channels, u.channel_mult, u.norm_groups),
+        ("vae", v.ch, v.ch_mult, v.norm_groups),
+    ):
+        if not isinstance(groups, int) or groups < 1 or any((base * m) % groups for m in mults):
+            raise ValueError(f"{name}.norm_groups {groups!r} does not divide its channel counts")
 
 
 # --- sizes from shapes -----------------------------------------------------------------------------------
@@ -297,7 +329,7 @@ def detect(
     if stored is not None:
         try:
             cfg = config_from_json(stored)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:
             notes.append(f"ignored the file's stablekit config ({e}); detecting from shapes")
         else:
             source = "the file's stablekit config"

@@ -91,8 +91,8 @@ def _json(path: str) -> dict[str, Any]:
             d = json.load(f)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: missing") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, a 4300-digit integer
+        raise CheckpointError(f"{path}: not a readable JSON file: {str(e)[:300]}") from e
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return d
@@ -184,7 +184,8 @@ def _folder_tokenizer(folder: str, text: TextConfig, notes: list[str]) -> tuple[
         )
         return None, text
     tok = read_tokenizer_folder(sub)
-    assert tok.pad_id is not None  # a tokenizer folder always pads (CLIPTokenizer's default: <|endoftext|>)
+    if tok.pad_id is None:  # CLIPTokenizer pads with <|endoftext|> unless told otherwise; a folder can say nonsense
+        raise CheckpointError(f"{sub}: the tokenizer names no usable pad token")
     return tok, replace(text, pad_token=tok.pad_id)
 
 

@@ -315,9 +315,38 @@ def load_zip(path: str) -> Unpickled:
         if info.file_size > MAX_PICKLE_BYTES:
             raise UnsafePickleError(f"{pickles[0]} declares {info.file_size} bytes; a checkpoint's is under 1 MB")
         with zf.open(info) as stream:  # zipfile stops inflating at the declared size
-            unpickler = _Unpickler(stream, storage)  # type: ignore[arg-type]
-            obj = unpickler.load()
+            data = stream.read()
+        _scan(io.BytesIO(data))
+        unpickler = _Unpickler(io.BytesIO(data), storage)  # type: ignore[arg-type]
+        obj = unpickler.load()
         return Unpickled(_resolve(obj), sorted(unpickler.placeholders))
+
+
+_MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
+
+
+def _scan(stream: Any) -> int:
+    """Parse one pickle without running anything; the offset just past its STOP.
+
+    ``stream`` must answer a read past its end with fewer bytes (an mmap, a BytesIO), so a length the pickle
+    declares beyond the data is an error, not an allocation of that size. Memo indices must be ones a pickler
+    assigns (each new one the next integer): CPython's unpickler sizes its memo by the largest index it sees, so
+    ``LONG_BINPUT 0x7fffffff`` in a 9-byte pickle would otherwise allocate gigabytes.
+    """
+    puts = 0
+    try:
+        for op, arg, at in pickletools.genops(stream):
+            if op.name in _MEMO_PUTS:
+                if not isinstance(arg, int) or arg > puts:
+                    raise UnsafePickleError(f"memo index {arg} at byte {at}: a pickler numbers them from 0")
+                puts += arg == puts
+            elif op.name == "MEMOIZE":
+                puts += 1
+            elif op.name == "STOP":
+                return (at or 0) + 1
+    except (ValueError, struct.error, EOFError) as e:  # pickletools' word for a malformed or truncated stream
+        raise UnsafePickleError(f"malformed pickle: {e}") from e
+    raise UnsafePickleError("pickle stream has no end (truncated?)")
 
 
 def load_legacy(path: str) -> Unpickled:
@@ -331,16 +360,13 @@ def _legacy(f: io.BufferedReader, mm: mmap.mmap) -> Unpickled:
     placeholders: set[str] = set()
 
     def next_pickle(storage: Callable[[str, torch.dtype, int], _Storage] | None = None) -> Any:
-        # Find where this pickle ends without executing it (genops only parses), then unpickle exactly that.
-        start, end = f.tell(), None
-        for op, _arg, at in pickletools.genops(f):
-            if op.name == "STOP":
-                end = (at or 0) + 1
-                break
-        if end is None:
-            raise UnsafePickleError("pickle stream has no end (truncated?)")
-        f.seek(start)
-        unpickler = _Unpickler(io.BytesIO(f.read(end - start)), storage or _no_storage)  # type: ignore[arg-type]
+        # Find where this pickle ends without executing it (genops only parses), then unpickle exactly that. The
+        # scan reads the mapping, not the file: a file object would allocate whatever length a pickle declares.
+        start = f.tell()
+        mm.seek(start)
+        end = _scan(mm)
+        unpickler = _Unpickler(io.BytesIO(mm[start:end]), storage or _no_storage)  # type: ignore[arg-type]
+        f.seek(end)
         obj = unpickler.load()
         placeholders.update(unpickler.placeholders)
         return obj
