@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -355,3 +356,35 @@ def test_community_extras_are_reported_and_never_loaded(model: Path, tmp_path: P
     )
     assert main(["info", str(stray)]) == 1
     _one_line_error(capsys, "model.diffusion_model.zz")
+
+
+@pytest.fixture(scope="module")
+def folder(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("folder") / "pipe"
+    assert main(["convert", str(model), str(out), "--to", "diffusers"]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("file", "edit"),
+    [
+        ("scheduler/scheduler_config.json", {"beta_start": [1]}),
+        ("scheduler/scheduler_config.json", {"num_train_timesteps": 1e300}),
+        ("scheduler/scheduler_config.json", {"num_train_timesteps": -5}),
+        ("unet/config.json", {"layers_per_block": 2.5}),
+        ("unet/config.json", {"cross_attention_dim": None}),
+        ("unet/config.json", {"norm_num_groups": 33}),
+        ("text_encoder/config.json", {"num_hidden_layers": -1}),
+        ("text_encoder/config.json", {"hidden_size": None}),
+    ],
+)
+def test_malformed_folder_configs_are_one_line_errors(  # type: ignore[no-untyped-def]
+    folder: Path, tmp_path: Path, capsys, file: str, edit: dict[str, object]
+) -> None:
+    # Fuzzing found TypeErrors escaping, and a model built from whatever sizes a config names.
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    path = bad / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    assert main(["info", str(bad)]) == 1
+    _one_line_error(capsys, str(bad))

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from math import prod
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -371,6 +372,7 @@ def save_model(
         for k, t in net.state_dict().items()
         if k not in absent
     }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as torch.save and save_pretrained users expect
     if layout == "original":
         metadata = {METADATA_KEY: config_to_json(config), "format": "pt"}
         if tokenizer is not None and not same_as_builtin(tokenizer, config.text.context_length):

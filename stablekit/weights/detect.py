@@ -93,11 +93,11 @@ def config_from_json(text: str) -> ModelConfig:
         raise ValueError("not a JSON object")
     parts = {k: _build(c, d[k]) if isinstance(d.get(k), dict) else d.get(k) for k, c in _NESTED.items() if k in d}
     cfg: ModelConfig = _build(ModelConfig, {**d, **parts})
-    _plausible(cfg)
+    check_plausible(cfg)
     return cfg
 
 
-def _plausible(cfg: ModelConfig) -> None:
+def check_plausible(cfg: ModelConfig) -> None:
     """A stored config builds the model before any tensor is read, so its sizes are checked first: GroupNorm
     needs channels divisible by the group count, and a 1.5 kB file saying ``num_res_blocks: 100000`` would keep
     ``probe`` building modules for minutes. The bounds are far above any Stable Diffusion."""
@@ -114,6 +114,11 @@ def _plausible(cfg: ModelConfig) -> None:
         "text.layers": (cfg.text.layers, 128),
         "text.width": (cfg.text.width, 16384),
     }
+    sched = cfg.schedule
+    ints["schedule.num_train_timesteps"] = (sched.num_train_timesteps, 100_000)
+    for name, beta in (("beta_start", sched.beta_start), ("beta_end", sched.beta_end)):
+        if not isinstance(beta, float | int) or not 0 < beta < 1:
+            raise ValueError(f"schedule.{name} is {beta!r}, not a number in (0, 1)")
     for name, (value, most) in ints.items():
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
             raise ValueError(f"{name} is {value!r}, outside 1..{most}")

@@ -25,7 +25,7 @@ from stablekit.text.files import read_tokenizer_folder, same_as_builtin, tokeniz
 from stablekit.text.tokenizer import EOT, CLIPTokenizer, default_tokenizer
 from stablekit.weights.components import read_weights
 from stablekit.weights.convert import WeightsError, from_original, to_original
-from stablekit.weights.detect import TEXT, UNET, VAE, family_from
+from stablekit.weights.detect import TEXT, UNET, VAE, check_plausible, family_from
 from stablekit.weights.load import CheckpointError, write_safetensors
 from stablekit.weights.schedulers import (
     DIFFUSERS_VERSION,
@@ -110,6 +110,20 @@ def _to_original(component: str, state: dict[str, Tensor], cfg: ModelConfig) -> 
 
 
 def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelConfig:
+    """The folder's configs as one ModelConfig; anything malformed is a CheckpointError naming the folder (a
+    config builds the model before any tensor is read, so its sizes are checked for plausibility too)."""
+    try:
+        cfg = _read_configs(folder, index, notes)
+        check_plausible(cfg)
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        detail = f"a config lacks the key {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{folder}: {detail[:300]}") from e
+    return cfg
+
+
+def _read_configs(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelConfig:
     try:
         unet_json = _json(os.path.join(folder, "unet", "config.json"))
         unet = unet_config_from_diffusers(unet_json)
