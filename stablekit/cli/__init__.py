@@ -12,7 +12,19 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("generate", "img2img", "inpaint", "depth2img", "upscale", "info", "convert", "samplers", "train", "serve")
+COMMANDS = (
+    "generate",
+    "img2img",
+    "inpaint",
+    "depth2img",
+    "upscale",
+    "info",
+    "convert",
+    "samplers",
+    "train",
+    "serve",
+    "batch",
+)
 
 
 class UserError(Exception):

@@ -3,9 +3,10 @@
 A request that finds the queue full is refused at once (the handler answers 429 with ``Retry-After``), so the
 server never holds more work than it can finish. Text-to-image jobs that agree on everything the UNet batch
 shares (size, steps, sampler and its options, guidance) are merged: their prompts become one batch and
-``GenerationParams.seeds`` gives every image the seed its own request asked for, so batching changes the
-throughput and not the images. A failure (NaN, out of memory, a model error) fails the jobs of that batch; the
-thread goes on with the next.
+``GenerationParams.seeds`` gives every image the seed its own request asked for. Batching changes the throughput,
+not what is drawn, though on a CPU a batched image can differ from the same request run alone in a few pixels
+(batched matrix products round differently; one level at most in the tests and the load test). A failure (NaN,
+out of memory, a model error) fails the jobs of that batch; the thread goes on with the next.
 """
 
 from __future__ import annotations
