@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-test install-azureml test lint fast slow
+.PHONY: install install-test install-azureml install-browser test lint fast slow
 
 # What running stablekit needs (its server included), and no more.
 install: $(VENV)/.installed
@@ -25,6 +25,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# would replace the CPU torch. Tests load its modules without running its package __init__.
 	$(BIN)/python -m pip install --quiet --no-deps open_clip_torch==3.3.0
 	touch $@
+
+# Debian's Chromium, which the web page's browser tests (tests/test_page.py) drive through Playwright (the
+# [test] extra); Playwright's own browser download cannot run here. Needs root; nothing to do once it is there.
+install-browser:
+	@test -x /usr/bin/chromium || { \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root: apt-get install -y chromium" >&2; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # Microsoft's Azure ML inference server, to run the entry script as Azure does. It pins pydantic and
 # opentelemetry below what FastAPI needs, so it gets its own environment; stablekit and torch come from .venv

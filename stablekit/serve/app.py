@@ -1,7 +1,8 @@
 """The HTTP application: routes from each API module over one :class:`~stablekit.serve.service.Service`.
 
-``GET /`` and ``GET /health`` answer without a key (load balancers and Azure's probes call them); every other
-route requires the API key when one is set. No CORS headers are sent unless origins are configured.
+``GET /`` (the web page, :mod:`stablekit.serve.page`, and its ``/static/`` files) and ``GET /health`` answer
+without a key (load balancers and Azure's probes call them); every other route requires the API key when one is
+set. No CORS headers are sent unless origins are configured.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stablekit.serve import a1111, native, score
+from stablekit.serve import a1111, native, page, score
 from stablekit.serve.http import check_api_key, error_response
 from stablekit.serve.service import Service
 from stablekit.serve.wire import ApiError
@@ -57,15 +58,12 @@ def create_app(service: Service) -> FastAPI:
     async def authorized(request: Request) -> None:
         check_api_key(request, service.settings.api_key)
 
-    @app.get("/", response_class=PlainTextResponse)
-    async def root() -> str:
-        return "Healthy"  # what Azure ML's inference server answers at its liveness route
-
     @app.get("/health")
     async def health() -> dict[str, object]:
         worker = service.worker
         return {"status": "ok", "model": service.model_name, "queued": worker.queued(), "running": len(worker.running)}
 
+    app.include_router(page.router())  # `GET /`: the page asks for the key itself; its files hold no secret
     guarded = [Depends(authorized)]
     app.include_router(score.router(service), dependencies=guarded)
     app.include_router(native.router(service), dependencies=guarded)
