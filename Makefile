@@ -47,8 +47,8 @@ $(AZ_VENV)/.installed: $(VENV)/.installed
 	touch $@
 
 lint: install-test
-	$(BIN)/ruff check stablekit tests benchmarks
-	$(BIN)/ruff format --check stablekit tests benchmarks
+	$(BIN)/ruff check stablekit tests benchmarks fuzz
+	$(BIN)/ruff format --check stablekit tests benchmarks fuzz
 	$(BIN)/mypy
 
 test: install-test install-azureml lint

@@ -8,6 +8,7 @@ for identical decoded tensors. Resizing uses PIL's Lanczos filter, as diffusers'
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,8 +64,9 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int) -> Image.Imag
         raise ImageError(f"{name} is over the {max_pixels:,}-pixel limit for inputs ({e})") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{name} is not a readable image: inputs must be PNG, JPEG or WebP") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError from deep in a decoder.
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
+        # PIL reports truncated and corrupt data as OSError/SyntaxError/ValueError from deep in a decoder, and
+        # exif_transpose re-packs the EXIF block: a value of the wrong type for its tag is a struct.error there.
         raise ImageError(f"{name} is corrupt or truncated ({e})") from e
     except MemoryError as e:
         # PIL allocates what a chunk header declares before reading it (a 2 GB IDAT in a 140-byte PNG); under a

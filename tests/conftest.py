@@ -19,3 +19,13 @@ def tiny_model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model(LatentDiffusion(TINY_SD1), TINY_SD1, path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: what its subprocesses (OMP_NUM_THREADS=1, and torchrun's default) use,
+    so their images compare bit for bit with this process's (a thread count changes float summation order)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -52,6 +52,7 @@ def test_find_model_in_an_azure_model_dir(model_dir: Path, tmp_path: Path, monke
     assert entry.find_model(tmp_path) == tmp_path / "b.ckpt"
 
 
+@pytest.mark.usefixtures("one_thread")  # azmlinfsrv runs with OMP_NUM_THREADS=1 below
 def test_entry_script_under_azmlinfsrv_answers_as_serve_does(model_dir: Path) -> None:
     if not SERVER.exists():
         pytest.skip(f"{SERVER} is missing: `make install-azureml` installs Azure's inference server")

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stablekit.cli import main
 from stablekit.images import read_parameters
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # its subprocesses run on one thread too (see conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADER = "prompt,negative_prompt,seed,steps,guidance_scale,width,height,sampler"
@@ -76,7 +79,12 @@ def reference(tiny_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -
     """The input and one uninterrupted single-process run over it, batch size 2."""
     where = tmp_path_factory.mktemp("reference")
     source = _csv(where / "prompts.csv", ROWS)
-    assert _batch(tiny_model_file, source, where / "out", "--batch-size", "2", "--seed", "100") == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses it is compared with (module-scoped: before `one_thread` applies)
+    try:
+        assert _batch(tiny_model_file, source, where / "out", "--batch-size", "2", "--seed", "100") == 0
+    finally:
+        torch.set_num_threads(before)
     return source, where / "out"
 
 

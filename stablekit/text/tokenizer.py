@@ -78,9 +78,12 @@ class Vocabulary:
     def __init__(self, ids: Mapping[str, int], merges: Sequence[tuple[str, str]]) -> None:
         if not ids:
             raise TokenizerError("the vocabulary is empty")
-        bad = next((t for t, i in ids.items() if isinstance(i, bool) or not isinstance(i, int) or i < 0), None)
+        # Ids index an embedding: one past 2**24 would be a table of 16M rows, far past any CLIP vocabulary.
+        bad = next(
+            (t for t, i in ids.items() if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < 2**24), None
+        )
         if bad is not None:
-            raise TokenizerError(f"token {bad!r} has id {ids[bad]!r}, not a non-negative integer")
+            raise TokenizerError(f"token {bad!r} has id {ids[bad]!r}, not an integer in [0, 2**24)")
         self.ids = dict(ids)
         self.tokens = {i: t for t, i in self.ids.items()}  # id -> token
         if len(self.tokens) != len(self.ids):

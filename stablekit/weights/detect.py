@@ -108,12 +108,31 @@ def check_plausible(cfg: ModelConfig) -> None:
         "unet.transformer_depth": (u.transformer_depth, 64),
         "unet.context_dim": (u.context_dim, 16384),
         "unet.in_channels": (u.in_channels, 64),
+        "unet.out_channels": (u.out_channels, 64),
+        "vae.in_channels": (v.in_channels, 64),
+        "vae.out_channels": (v.out_channels, 64),
+        "vae.embed_dim": (v.embed_dim, 64),
         "vae.ch": (v.ch, 4096),
         "vae.num_res_blocks": (v.num_res_blocks, 16),
         "vae.z_channels": (v.z_channels, 64),
         "text.layers": (cfg.text.layers, 128),
         "text.width": (cfg.text.width, 16384),
     }
+    t = cfg.text
+    ints |= {
+        "text.vocab_size": (t.vocab_size, 1_000_000),
+        "text.context_length": (t.context_length, 4096),
+        "text.heads": (t.heads, 1024),
+        "text.mlp_width": (t.mlp_width, 65536),
+        "text.layers_used": (t.layers_used, 128),
+    }
+    for name, value in (
+        ("unet.num_classes", u.num_classes),
+        ("unet.num_heads", u.num_heads),
+        ("unet.head_dim", u.head_dim),
+    ):
+        if value is not None:
+            ints[name] = (value, 100_000)
     sched = cfg.schedule
     ints["schedule.num_train_timesteps"] = (sched.num_train_timesteps, 100_000)
     for name, beta in (("beta_start", sched.beta_start), ("beta_end", sched.beta_end)):

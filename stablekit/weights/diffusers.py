@@ -115,7 +115,7 @@ def _config(folder: str, index: Mapping[str, Any], notes: list[str]) -> ModelCon
     try:
         cfg = _read_configs(folder, index, notes)
         check_plausible(cfg)
-    except (ValueError, KeyError, TypeError, OverflowError) as e:
+    except (ValueError, KeyError, TypeError, ArithmeticError, IndexError) as e:
         if isinstance(e, CheckpointError):
             raise
         detail = f"a config lacks the key {e}" if isinstance(e, KeyError) else str(e)
@@ -197,7 +197,10 @@ def _folder_tokenizer(folder: str, text: TextConfig, notes: list[str]) -> tuple[
             f"(assumed from the text encoder's hidden_act {text.activation})"
         )
         return None, text
-    tok = read_tokenizer_folder(sub)
+    try:
+        tok = read_tokenizer_folder(sub)
+    except (TypeError, OverflowError, IndexError, AttributeError) as e:  # a value of the wrong type in its JSON
+        raise CheckpointError(f"{sub}: a tokenizer file holds a value of the wrong type ({str(e)[:200]})") from e
     if tok.pad_id is None:  # CLIPTokenizer pads with <|endoftext|> unless told otherwise; a folder can say nonsense
         raise CheckpointError(f"{sub}: the tokenizer names no usable pad token")
     return tok, replace(text, pad_token=tok.pad_id)
