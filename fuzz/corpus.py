@@ -27,26 +27,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fuzz.targets import FOLDER_FILES, FOLDER_KINDS  # which folder files the diffusers target may change
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "corpus"
 TARGETS = ("safetensors", "zip", "legacy", "diffusers", "image")
-
-# The files of a diffusers folder the diffusers target may replace or delete; the first byte of an input picks one.
-# The weights are not among them: their bytes are the safetensors target's business, and 1 MB inputs fuzz slowly.
-FOLDER_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    "scheduler/scheduler_config.json",
-    "low_res_scheduler/scheduler_config.json",
-    "tokenizer/vocab.json",
-    "tokenizer/merges.txt",
-    "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
-)
-FOLDER_KINDS = ("sd1", "x4")
 
 
 # --- safetensors --------------------------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ SUSPECT_CAUSES: tuple[type[BaseException], ...] = (
     RuntimeError,
 )
 
-# Same order as corpus.FOLDER_FILES / corpus.FOLDER_KINDS (not imported: the corpus module needs diffusers).
+# The files of a diffusers folder the diffusers target may replace or delete; the first byte of an input picks one.
+# The weights are not among them: their bytes are the safetensors target's business, and 1 MB inputs fuzz slowly.
 FOLDER_FILES = (
     "model_index.json",
     "unet/config.json",
