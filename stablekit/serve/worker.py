@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from stablekit.config import ModelConfig
 from stablekit.images import to_pil
 from stablekit.pipelines import Generated, GenerationParams, NonFiniteError, Notice, Pipeline, Progress
 from stablekit.pipelines.events import Event
-from stablekit.pipelines.params import resolve
+from stablekit.pipelines.params import Limits, resolve
 from stablekit.serve.jobs import Job, JobError, Output
 
 
@@ -56,21 +57,16 @@ def _images(p: GenerationParams) -> int:
     return len(_prompts(p)) * p.batch_size * p.batch_count
 
 
-def merge(jobs: list[Job]) -> GenerationParams:
-    """One batch for several compatible text-to-image jobs: prompt-major per job, each image with its seed."""
+def merge(jobs: list[Job], config: ModelConfig, limits: Limits) -> GenerationParams:
+    """One batch for several compatible text-to-image jobs: each job's images as ``resolve`` lays them out
+    (prompt-major, negatives broadcast, seed + i), one after the other, each image with its own seed."""
     prompts, negatives, seeds = [], [], []
     for job in jobs:
-        p = job.params
-        assert p.seed is not None, "seeds are resolved at submission"
-        own = _prompts(p)
-        negs = [p.negative_prompt] * len(own) if isinstance(p.negative_prompt, str) else list(p.negative_prompt)
-        negs = negs * len(own) if len(negs) == 1 else negs
-        for i, (q, n) in enumerate((q, n) for q, n in zip(own, negs, strict=True) for _ in range(p.batch_size)):
-            prompts.append(q)
-            negatives.append(n)
-            seeds.append(p.seed + i)
-    first = jobs[0].params
-    return replace(first, prompt=prompts, negative_prompt=negatives, batch_size=1, seed=None, seeds=seeds)
+        r = resolve(config, job.params, limits=limits)  # batchable jobs have one batch, and their seed resolved
+        prompts += r.prompts
+        negatives += r.negatives
+        seeds += r.seeds(0)
+    return replace(jobs[0].params, prompt=prompts, negative_prompt=negatives, batch_size=1, seed=None, seeds=seeds)
 
 
 class Worker:
@@ -185,7 +181,7 @@ class Worker:
             self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (time.monotonic() - started)
 
     def _execute(self, jobs: list[Job]) -> None:
-        params = merge(jobs) if len(jobs) > 1 else jobs[0].params
+        params = merge(jobs, self.pipe.config, self.pipe.limits) if len(jobs) > 1 else jobs[0].params
         now = time.monotonic()  # one start time for the whole batch: it is how a batch can be recognised
         for job in jobs:
             job.state, job.started = "running", now
