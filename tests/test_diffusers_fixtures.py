@@ -51,6 +51,8 @@ from tests.test_tasks_parity import (
     _params,
     _pixel_diff,
     _theirs,
+    _unet,
+    _vae,
 )
 
 diffusers = require("diffusers")
@@ -79,34 +81,6 @@ def _clip(sd2: bool = False, **sizes: Any) -> Any:
     if sd2:  # "SD2-specific config below"
         config |= {"hidden_act": "gelu", "projection_dim": 512}
     return transformers.CLIPTextModel(transformers.CLIPTextConfig(**config))
-
-
-def _vae(widths: list[int], **extra: Any) -> Any:
-    torch.manual_seed(0)
-    return diffusers.AutoencoderKL(
-        block_out_channels=widths,
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * len(widths),
-        up_block_types=["UpDecoderBlock2D"] * len(widths),
-        latent_channels=4,
-        **extra,
-    )
-
-
-def _unet(in_channels: int, **extra: Any) -> Any:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        **extra,
-    )
 
 
 def _sd_ddim() -> Any:

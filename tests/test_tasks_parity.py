@@ -86,7 +86,7 @@ def _text_encoder(openclip: bool) -> Any:
     return transformers.CLIPTextModel(config)
 
 
-def _vae(block_out_channels: list[int]) -> Any:
+def _vae(block_out_channels: list[int], **extra: Any) -> Any:
     torch.manual_seed(0)
     levels = len(block_out_channels)
     return diffusers.AutoencoderKL(
@@ -96,6 +96,7 @@ def _vae(block_out_channels: list[int]) -> Any:
         down_block_types=["DownEncoderBlock2D"] * levels,
         up_block_types=["UpDecoderBlock2D"] * levels,
         latent_channels=4,
+        **extra,
     )
 
 
