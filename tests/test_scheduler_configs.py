@@ -23,7 +23,7 @@ from stablekit.config import SD1, ScheduleConfig
 from stablekit.pipelines import Generated, GenerationParams, Pipeline, txt2img
 from stablekit.weights.schedulers import sampler_from_diffusers, scheduler_to_diffusers
 from tests.oracles import hf_clip_tokenizer, require
-from tests.test_samplers import PRED, Model, diffusers_run, ours
+from tests.test_samplers import PRED, SD_CONFIG, Model, diffusers_run, ours
 from tests.test_tasks_parity import _perturb, _text_encoder, _unet, _vae
 
 diffusers = require("diffusers")
@@ -32,16 +32,7 @@ PROMPT = "a red circle on a blue background"
 NEGATIVE = "blurry, low quality"
 SIZE, STEPS, GUIDANCE, SEED = 32, 4, 6.0, 7
 # What a released SD 1.x scheduler config says; each case starts from it, as a model card's swap does.
-BASE = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "clip_sample": False,
-    "skip_prk_steps": True,
-}
+BASE = SD_CONFIG
 ZERO_SNR_V = {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
 
 # (diffusers class, settings beyond BASE, our sampler, its options as loaded)
