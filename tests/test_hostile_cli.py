@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -388,3 +389,19 @@ def test_malformed_folder_configs_are_one_line_errors(  # type: ignore[no-untype
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
     assert main(["info", str(bad)]) == 1
     _one_line_error(capsys, str(bad))
+
+
+def test_serve_on_a_taken_port_fails_before_loading(capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # uvicorn reported it only after the model had loaded, with its own exit status 3.
+    def fail(*_a: object, **_k: object) -> None:
+        raise AssertionError("the model was loaded before the port was bound")
+
+    monkeypatch.setattr("stablekit.cli.serve.load_pipeline", fail)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 1
+    _one_line_error(capsys, f"cannot listen on 127.0.0.1:{port}")
+    assert main(["serve", "--host", "no-such-host.invalid", "--port", "7999"]) == 1
+    _one_line_error(capsys, "cannot listen on no-such-host.invalid")

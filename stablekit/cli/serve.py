@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import socket
 import sys
 
 from stablekit.cli import UserError
@@ -54,10 +55,6 @@ def run(args: argparse.Namespace) -> int:
         if value < (0 if name == "max_queue" else 1) or (name == "port" and value > 65535):
             raise UserError(f"--{name.replace('_', '-')} {value} is out of range")
     key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    if not _is_loopback(args.host) and key is None:
-        print(
-            f"warning: listening on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr
-        )
     settings = ServeSettings(
         api_key=key,
         max_body_bytes=args.max_body_bytes,
@@ -66,8 +63,24 @@ def run(args: argparse.Namespace) -> int:
             max_queue=args.max_queue, batching=not args.no_batching, max_batch_images=args.max_batch_images
         ),
     )
+    sock = _bind(args.host, args.port)  # before the model loads: a taken port fails in a second, with exit 1
+    if not _is_loopback(args.host) and key is None:
+        print(
+            f"warning: listening on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr
+        )
     pipe = load_pipeline(args, model_path, DEMO_MODEL)
     app = create_app(Service(pipe, settings))
     print(f"stablekit serve: {pipe.name} on http://{args.host}:{args.port}", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    return sock
