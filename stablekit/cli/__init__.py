@@ -24,6 +24,7 @@ COMMANDS = (
     "train",
     "serve",
     "batch",
+    "compile",
 )
 
 

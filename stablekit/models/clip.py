@@ -56,19 +56,23 @@ class TextEncoder(nn.Module):
         self.config = config
 
     def layers_run(self, ids: Tensor, skip: int) -> int:
-        """How many layers run for ``skip``; raises ValueError for a skip or token id the tower cannot take
-        (an id past the embedding would be a raw IndexError, or a device-side assert that ends a CUDA context)."""
-        used = self.config.layers_used
-        if not 0 <= skip < used:
-            raise ValueError(f"cannot skip {skip} of the text encoder's {used} layers: at least one must run")
-        if ids.numel():
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= self.config.vocab_size:
-                bad = low if low < 0 else high
-                raise ValueError(
-                    f"token id {bad} is outside the text encoder's {self.config.vocab_size}-token vocabulary"
-                )
-        return used - skip
+        """How many layers run for ``skip`` (see :func:`layers_run`)."""
+        return layers_run(self.config, ids, skip)
+
+
+def layers_run(config: TextConfig, ids: Tensor, skip: int) -> int:
+    """How many layers of a tower run for ``skip``; raises ValueError for a skip or token id it cannot take (an id
+    past the embedding would be a raw IndexError, or a device-side assert that ends a CUDA context). Shared by every
+    engine: a converted tower has no Python left to check its input."""
+    used = config.layers_used
+    if not 0 <= skip < used:
+        raise ValueError(f"cannot skip {skip} of the text encoder's {used} layers: at least one must run")
+    if ids.numel():
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the text encoder's {config.vocab_size}-token vocabulary")
+    return used - skip
 
 
 # --- SD1: transformers' CLIPTextModel layout ----------------------------------------------------------

@@ -217,12 +217,13 @@ class AutoencoderKL(nn.Module):
         """Multiply a posterior sample by this before diffusion; divide by it before :meth:`decode`."""
         return self.config.scale_factor
 
-    def _moments(self, x: Tensor) -> Tensor:
-        return self.quant_conv(self.encoder(x))  # (B, 2·embed_dim, h, w)
+    def moments(self, x: Tensor) -> Tensor:
+        """x: (B, 3, H, W) in [-1, 1] -> the posterior's mean and log-variance stacked (B, 2·embed_dim, h, w)."""
+        return self.quant_conv(self.encoder(x))
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """x: (B, 3, H, W) in [-1, 1] -> posterior over (B, embed_dim, H//f, W//f) (floor for odd sizes)."""
-        return DiagonalGaussian(self._moments(x))
+        return DiagonalGaussian(self.moments(x))
 
     def decode(self, z: Tensor) -> Tensor:
         """z: unscaled latents (B, embed_dim, h, w) -> (B, 3, f·h, f·w), roughly in [-1, 1]."""
@@ -247,5 +248,5 @@ class AutoencoderKL(nn.Module):
         if tile % f or overlap % f:
             raise ValueError(f"encode_tiled: tile ({tile}) and overlap ({overlap}) must be multiples of {f}")
         grid = (x.shape[-2] // f, x.shape[-1] // f)
-        moments = tiled(self._moments, x, grid, tile // f, overlap // f, in_scale=f, out_scale=1)
+        moments = tiled(self.moments, x, grid, tile // f, overlap // f, in_scale=f, out_scale=1)
         return DiagonalGaussian(moments)

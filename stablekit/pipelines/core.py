@@ -10,8 +10,7 @@ shared model (the fp16 decode fallback works on a private fp32 copy), so concurr
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -20,9 +19,12 @@ from torch import Tensor
 from stablekit import __version__
 from stablekit.config import ModelConfig, Prediction
 from stablekit.diffusion.noise import Generator
+from stablekit.engines import ENGINES, PRECISIONS, Engine, EngineName, Precision
+from stablekit.engines.eager import TorchEngine
 from stablekit.models.ldm import LatentDiffusion
-from stablekit.models.vae import AutoencoderKL
+from stablekit.models.vae import DiagonalGaussian
 from stablekit.nn.attention import BACKENDS, Backend, attention_backend
+from stablekit.nn.tiling import tiled
 from stablekit.pipelines.params import Limits
 from stablekit.text.tokenizer import CLIPTokenizer, default_tokenizer
 
@@ -64,7 +66,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class Pipeline:
-    """A :class:`LatentDiffusion` model, its family config, the device/dtype it runs in and its settings.
+    """A model's engine (its networks: a :class:`LatentDiffusion` run by torch, or the same networks compiled by
+    another engine, see :mod:`stablekit.engines`), its family config, the device/dtype it runs in and its settings.
 
     ``attention`` picks the attention backend (``"sliced"`` trades speed for memory). ``vae_tile`` and
     ``unet_tile`` are latent sizes above which the autoencoder's decode and the x4 upscaler's UNet run in
@@ -80,7 +83,7 @@ class Pipeline:
 
     def __init__(
         self,
-        model: LatentDiffusion,
+        model: LatentDiffusion | Engine,
         config: ModelConfig,
         *,
         device: torch.device | str | None = None,
@@ -109,7 +112,14 @@ class Pipeline:
         self.clip_skip = clip_skip
         self.device = resolve_device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        if isinstance(model, LatentDiffusion):
+            self.engine: Engine = TorchEngine(
+                model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+            )
+        elif self.device.type != "cpu" or self.dtype != torch.float32:
+            raise ValueError(f"the {model.name} engine runs on the CPU in float32 (its precision is its own setting)")
+        else:
+            self.engine = model
         self.config = config
         self.name = name
         # What loading assumed or skipped: the caller reports these once, after loading.
@@ -135,12 +145,46 @@ class Pipeline:
         vae: str | Path | None = None,
         clip_skip: int = 1,
         variant: str | None = None,
+        engine: EngineName = "torch",
+        precision: Precision = "f32",
+        cache_dir: str | Path | None = None,
+        report: Callable[[str], None] | None = None,
     ) -> Pipeline:
         """Load ``path`` (see :func:`stablekit.weights.load_model`; ``ema``, ``vae`` and ``variant`` are passed on:
-        the UNet's EMA weights, a separate autoencoder in place of the file's own, a diffusers folder's variant)."""
+        the UNet's EMA weights, a separate autoencoder in place of the file's own, a diffusers folder's variant).
+
+        ``engine="openvino"`` runs the networks with OpenVINO on the CPU at ``precision`` (``"f32"``, or ``"bf16"``
+        where the CPU has it), converting them once into ``cache_dir`` (default: the user's cache folder);
+        ``report`` hears about the slow steps (a conversion) as they start."""
         from stablekit.weights import load_model
 
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         dev = resolve_device(device)
+        if engine == "openvino":
+            if dev.type != "cpu" or dtype not in (None, torch.float32):
+                raise ValueError("--engine openvino runs on the CPU in fp32; its arithmetic is set by --precision")
+            from stablekit.pipelines.openvino import load_openvino
+
+            found, compiled = load_openvino(
+                path, prediction, ema, vae, variant, clip_skip, precision, cache_dir=cache_dir, report=report
+            )
+            return cls(
+                compiled,
+                found.config,
+                device="cpu",
+                dtype=torch.float32,
+                name=Path(path).stem,
+                notes=found.notes,
+                attention=attention,
+                limits=limits,
+                tokenizer=found.tokenizer,
+                clip_skip=clip_skip,
+            )
+        if precision != "f32":
+            raise ValueError("--precision is a setting of --engine openvino; the torch engine takes --dtype")
         dt = dtype if dtype is not None else default_dtype(dev)
         loaded = load_model(path, prediction=prediction, dtype=dt, device=dev, ema=ema, vae=vae, variant=variant)
         return cls(
@@ -156,6 +200,13 @@ class Pipeline:
             clip_skip=clip_skip,
         )
 
+    @property
+    def model(self) -> LatentDiffusion:
+        """The torch modules, for code that works on them directly (the torch engine only)."""
+        if isinstance(self.engine, TorchEngine):
+            return self.engine.model
+        raise RuntimeError(f"this pipeline runs on the {self.engine.name} engine, which holds no torch modules")
+
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
         with torch.inference_mode(), attention_backend(self.attention, slice_size=self.slice_size):
@@ -170,13 +221,13 @@ class Pipeline:
         )
         dropped = next((d for d in tokens.dropped if d), None)
         with self._running():
-            context = self.model.cond_stage_model(tokens.ids.to(self.device), skip=self.clip_skip - 1)
+            context = self.engine.text(tokens.ids.to(self.device), self.clip_skip - 1)
         return context.to(self.dtype), dropped
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         """The raw UNet call the samplers drive: (N, C_in, h, w), (N,), (N, 77, D), class labels (N,) -> ε or v."""
         with self._running():
-            return self.model.model.diffusion_model(x, t, context, y)
+            return self.engine.unet(x, t, context, y)
 
     def encode(self, pixels: Tensor, generator: Generator = None, *, sample: bool = True) -> Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f) scaled for diffusion.
@@ -185,7 +236,7 @@ class Pipeline:
         given a list (as diffusers' ``retrieve_latents`` draws it, in the model's dtype); otherwise its mean.
         """
         with self._running():
-            posterior = self.model.first_stage_model.encode(pixels.to(self.device, self.dtype))
+            posterior = DiagonalGaussian(self.engine.moments(pixels.to(self.device, self.dtype)))
             z = posterior.sample(generator) if sample else posterior.mode()
         return z * self.config.vae.scale_factor
 
@@ -200,16 +251,17 @@ class Pipeline:
             hint = "; try --dtype fp32 (or bf16 on GPU)" if self.dtype != torch.float32 else ""
             raise NonFiniteError(f"the sampler produced NaN/inf latents in {self.dtype}{hint}")
         z = latents / self.config.vae.scale_factor
-        vae = self.model.first_stage_model
         with self._running():
-            pixels = self._decode_with(vae, z.to(self.dtype))
+            pixels = self._decode_with(self.engine.decode, z.to(self.dtype))
             if not torch.isfinite(pixels).all() and self.dtype != torch.float32:
-                pixels = self._decode_with(copy.deepcopy(vae).float(), z.float())
+                pixels = self._decode_with(self.engine.decode_fp32, z.float())
         if not torch.isfinite(pixels).all():
             raise NonFiniteError("the autoencoder produced NaN/inf pixels; the weights may be corrupt")
         return pixels.float()
 
-    def _decode_with(self, vae: AutoencoderKL, z: Tensor) -> Tensor:
+    def _decode_with(self, decode: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
         if max(z.shape[-2:]) > self.vae_tile:
-            return vae.decode_tiled(z, tile=self.vae_tile, overlap=self.vae_tile // 4)
-        return vae.decode(z)
+            # the autoencoder's own tiling (AutoencoderKL.decode_tiled), over whichever engine decodes
+            f = self.config.vae.downsample
+            return tiled(decode, z, z.shape[-2:], self.vae_tile, self.vae_tile // 4, in_scale=1, out_scale=f)
+        return decode(z)

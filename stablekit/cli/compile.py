@@ -1,0 +1,55 @@
+"""``stablekit compile``: convert and compile a model for the OpenVINO engine ahead of use.
+
+A deployment runs this once (or its start-up does, e.g. the Azure entry script's ``init()``); every later
+``--engine openvino`` process with the same weights, options, precision and CPU loads the result in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from stablekit.cli.options import add_engine_options, add_weights_options
+from stablekit.demo import model_path
+from stablekit.engines.cache import ModelCache, default_cache_dir
+from stablekit.engines.openvino import OpenVINOEngine
+from stablekit.pipelines import Pipeline
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compile", help="build the OpenVINO engine's cache for a model", description=__doc__)
+    p.add_argument("model", nargs="?", help="checkpoint file or diffusers folder (default: the built-in demo model)")
+    p.add_argument("--prediction", choices=("eps", "v"), help="override the model's prediction type")
+    add_weights_options(p)
+    add_engine_options(p)
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N", help="the clip skip to build the text part for")
+    p.set_defaults(run=run, engine="openvino")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.engine != "openvino":
+        raise ValueError("compile builds the OpenVINO engine's cache; the torch engine needs none")
+    model = args.model or model_path()
+    start = time.perf_counter()
+    pipe = Pipeline.from_file(
+        model,
+        prediction=args.prediction,
+        ema=args.ema,
+        vae=args.vae,
+        variant=args.variant,
+        clip_skip=args.clip_skip,
+        engine="openvino",
+        precision=args.precision,
+        cache_dir=args.cache_dir,
+        report=lambda message: print(f"note: {message}", file=sys.stderr),
+    )
+    engine = pipe.engine
+    assert isinstance(engine, OpenVINOEngine)
+    info = engine.info
+    root = args.cache_dir or default_cache_dir()
+    total = ModelCache(root, "openvino").size()
+    built = ", ".join(info.converted) if info.converted else "nothing (all parts were cached)"
+    print(f"{model}: {engine.describe()} in {time.perf_counter() - start:.1f} s; converted {built}")
+    print(f"entry {info.folder}: {info.cache_bytes / 2**20:,.1f} MiB (all cached models: {total / 2**20:,.1f} MiB)")
+    return 0
