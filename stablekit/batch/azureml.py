@@ -9,7 +9,8 @@ its PNGs, ``predictions.csv`` and ``manifest.jsonl``, exactly as ``stablekit bat
 writes them. A retried mini-batch resumes: finished rows are not computed again.
 
 ``STABLEKIT_BATCH_SIZE`` (rows per UNet batch, default 4) and ``STABLEKIT_SEED`` (the base seed, default 0)
-are this script's options. ``error_threshold`` is Azure's own business here: a row that fails is reported in
+are this script's options; ``STABLEKIT_ENGINE``, ``STABLEKIT_PRECISION`` and ``STABLEKIT_CACHE_DIR`` pick the engine
+as for the online script. ``error_threshold`` is Azure's own business here: a row that fails is reported in
 its file's manifest, and a file that cannot be read at all is reported in its result.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 from stablekit.batch.job import JobOptions, prepare_output, run_job
 from stablekit.batch.rows import InputError, read_file
 from stablekit.demo import model_path as demo_model_path
+from stablekit.engines import settings_from_environment
 from stablekit.pipelines import Pipeline
 
 _pipe: Pipeline | None = None
@@ -35,9 +37,9 @@ def init() -> None:
         # Lazily: the online script's module brings pydantic, which only a named model directory needs here.
         from stablekit.serve.azureml_score import find_model
 
-        _pipe = Pipeline.from_file(find_model(Path(root)))
+        _pipe = Pipeline.from_file(find_model(Path(root)), **settings_from_environment())
     else:
-        _pipe = Pipeline.from_file(demo_model_path())
+        _pipe = Pipeline.from_file(demo_model_path(), **settings_from_environment())
 
 
 def _options() -> JobOptions:

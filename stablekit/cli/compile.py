@@ -7,8 +7,10 @@ A deployment runs this once (or its start-up does, e.g. the Azure entry script's
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from stablekit.cli.options import add_engine_options, add_weights_options
 from stablekit.demo import model_path
@@ -24,12 +26,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_weights_options(p)
     add_engine_options(p)
     p.add_argument("--clip-skip", type=int, default=1, metavar="N", help="the clip skip to build the text part for")
+    p.add_argument("--clear", action="store_true", help="remove every converted model from the cache folder and exit")
     p.set_defaults(run=run, engine="openvino")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.engine != "openvino":
         raise ValueError("compile builds the OpenVINO engine's cache; the torch engine needs none")
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.clear:
+        cache = ModelCache(root, "openvino")
+        size = cache.size()
+        shutil.rmtree(cache.engine_root, ignore_errors=True)
+        print(f"removed {cache.engine_root} ({size / 2**20:,.1f} MiB)")
+        return 0
     model = args.model or model_path()
     start = time.perf_counter()
     pipe = Pipeline.from_file(
@@ -47,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
     engine = pipe.engine
     assert isinstance(engine, OpenVINOEngine)
     info = engine.info
-    root = args.cache_dir or default_cache_dir()
     total = ModelCache(root, "openvino").size()
     built = ", ".join(info.converted) if info.converted else "nothing (all parts were cached)"
     print(f"{model}: {engine.describe()} in {time.perf_counter() - start:.1f} s; converted {built}")

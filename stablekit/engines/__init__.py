@@ -11,7 +11,8 @@ and decoder. So an image made with another engine is the same image up to that e
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+import os
+from typing import Literal, Protocol, TypedDict
 
 from torch import Tensor
 
@@ -53,3 +54,20 @@ class Engine(Protocol):
     def describe(self) -> str:
         """One line for logs and ``info``: the engine, its version and settings."""
         ...
+
+
+class EngineSettings(TypedDict):
+    engine: EngineName
+    precision: Precision
+
+
+def settings_from_environment() -> EngineSettings:
+    """``STABLEKIT_ENGINE`` and ``STABLEKIT_PRECISION``, for entry scripts that take no flags (the Azure ML ones);
+    the cache folder comes from ``STABLEKIT_CACHE_DIR`` the same way. An unknown value is an error naming it."""
+    engine = os.environ.get("STABLEKIT_ENGINE", "torch")
+    precision = os.environ.get("STABLEKIT_PRECISION", "f32")
+    if engine not in ENGINES:
+        raise ValueError(f"STABLEKIT_ENGINE={engine!r}: choose one of {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"STABLEKIT_PRECISION={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return {"engine": engine, "precision": precision}  # type: ignore[typeddict-item]

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from stablekit.atomic import replacing_folder
+from stablekit.atomic import WriteError, replacing_folder
 from stablekit.engines.digest import DigestMemo
 
 MANIFEST = "manifest.json"
@@ -55,6 +55,15 @@ class ModelCache:
         self.root = Path(root)
         self.engine_root = self.root / engine
         self.memo = DigestMemo(self.root / "digests.json")
+
+    def check_usable(self) -> None:
+        """Make the folder, or raise :class:`WriteError` saying why it cannot be: before any slow work."""
+        try:
+            self.engine_root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError(f"cache folder {self.root}: {e.strerror or e}") from e
+        if not os.access(self.engine_root, os.W_OK | os.X_OK):
+            raise WriteError(f"cache folder {self.root}: not writable")
 
     def key(self, sources: Iterable[Path], facts: dict[str, object]) -> str:
         """The entry key: the SHA-256 of ``facts`` and the content digest of each source file."""

@@ -9,6 +9,10 @@ The model is read from ``AZUREML_MODEL_DIR`` (where Azure mounts a registered mo
 a checkpoint file or a diffusers folder, else the one checkpoint or diffusers folder inside it
 (``STABLEKIT_MODEL`` names one relative to it when there are several). Without ``AZUREML_MODEL_DIR`` the
 built-in demo model is served. No web framework is needed: only pydantic, which the server brings.
+
+``STABLEKIT_ENGINE=openvino`` (with ``STABLEKIT_PRECISION`` and ``STABLEKIT_CACHE_DIR``) runs the OpenVINO engine;
+its conversion happens in ``init()``, once per cache folder: point ``STABLEKIT_CACHE_DIR`` at storage that outlives
+the container, or run ``stablekit compile`` into it when building the image.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stablekit.demo import model_path as demo_model_path
+from stablekit.engines import settings_from_environment
 from stablekit.pipelines import Generated, Pipeline, txt2img
 from stablekit.pipelines.params import resolve
 from stablekit.serve import azure
@@ -46,7 +51,8 @@ def find_model(root: Path) -> Path:
 def init() -> None:
     global _pipe
     root = os.environ.get("AZUREML_MODEL_DIR")
-    _pipe = Pipeline.from_file(find_model(Path(root)) if root else demo_model_path())
+    model = find_model(Path(root)) if root else demo_model_path()
+    _pipe = Pipeline.from_file(model, **settings_from_environment())
 
 
 def score(raw_data: str) -> list[dict[str, Any]]:
