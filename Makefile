@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[serve]'
 	touch $@
 
-# The test oracles and tools (diffusers, transformers, open_clip, ruff, mypy, hypothesis) on top.
+# The test oracles and tools (diffusers, transformers, open_clip, k-diffusion, ruff, mypy, hypothesis) on top.
 install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -24,6 +24,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# open_clip is a test oracle only (tokenizer, text tower); --no-deps because its torchvision dependency
 	# would replace the CPU torch. Tests load its modules without running its package __init__.
 	$(BIN)/python -m pip install --quiet --no-deps open_clip_torch==3.3.0
+	# k-diffusion is the oracle of the DPM2 / DPM++ 2S a / DPM++ SDE samplers; --no-deps for the same reason
+	# (torchvision, and training tools it never imports in k_diffusion.sampling). torchsde and torchdiffeq,
+	# which sampling imports, come with the [test] extra.
+	$(BIN)/python -m pip install --quiet --no-deps k-diffusion==0.1.1.post1
 	touch $@
 
 # Debian's Chromium, which the web page's browser tests (tests/test_page.py) drive through Playwright (the

@@ -21,6 +21,7 @@ import torch
 
 from stablekit.config import SD1, ScheduleConfig
 from stablekit.pipelines import Generated, GenerationParams, Pipeline, txt2img
+from stablekit.weights.load import CheckpointError
 from stablekit.weights.schedulers import sampler_from_diffusers, scheduler_to_diffusers
 from tests.oracles import hf_clip_tokenizer, require
 from tests.test_samplers import PRED, SD_CONFIG, Model, diffusers_run, ours
@@ -62,6 +63,9 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any]]] = [
     ("DPMSolverMultistepScheduler", {"solver_order": 1, "timestep_spacing": "leading"}, "dpmpp_2m", {"order": 1}),
     ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "dpmpp_2m", {"solver_type": "heun"}),
     ("UniPCMultistepScheduler", {}, "unipc", {}),
+    # diffusers' KDPM2 keeps every σ, where A1111's DPM2 (our default) drops the smallest one
+    ("KDPM2DiscreteScheduler", {}, "dpm_2", {"discard_penultimate": False}),
+    ("KDPM2AncestralDiscreteScheduler", {}, "dpm_2_a", {"discard_penultimate": False}),
     (
         "UniPCMultistepScheduler",
         {"solver_order": 3, "use_karras_sigmas": True, "disable_corrector": [1]},
@@ -132,7 +136,7 @@ def test_folder_samples_as_its_scheduler(
     assert not any("scheduler" in n for n in pipe.notes), pipe.notes
     cfg = pipe.config
     assert (cfg.default_sampler, dict(cfg.default_sampler_options)) == (sampler, options)
-    batch = 2 if sampler in ("euler_a", "dpmpp_2m_sde_karras") else 1  # per-image generators, per-step noise
+    batch = 2 if sampler in ("euler_a", "dpmpp_2m_sde_karras", "dpm_2_a") else 1  # per-image generators, per-step noise
     got = _images(txt2img(pipe, _params(batch_size=batch)))
     want = _theirs(reference, [SEED + i for i in range(batch)])
     diff = int(np.abs(got - want).max())
@@ -182,6 +186,8 @@ def test_settings_we_cannot_follow_are_notes(settings: dict[str, Any], named: st
         ("UniPCMultistepScheduler", {"predict_x0": False}, "predict_x0=False"),
         ("UniPCMultistepScheduler", {"solver_type": "bh1"}, "solver_type='bh1'"),
         ("DDIMScheduler", {"thresholding": True}, "thresholding=True"),
+        ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}, "use_karras_sigmas=True"),  # rounded timesteps
+        ("DPMSolverSDEScheduler", {"noise_sampler_seed": 3}, "noise_sampler_seed=3"),  # one tree for the batch
     ],
 )
 def test_other_classes_note_what_they_cannot_follow(cls: str, settings: dict[str, Any], named: str) -> None:
@@ -301,3 +307,9 @@ def test_bad_option_values_fail_before_sampling() -> None:
         with pytest.raises(ValueError, match="must be one of"):
             sample(m, torch.randn(1, 4, 8, 8), sampler=name, steps=4, schedule=ScheduleConfig(), **options)
         assert m.timesteps == []
+
+
+def test_a1111_dpm2_is_not_written_as_diffusers_kdpm2() -> None:
+    # diffusers' KDPM2 cannot drop the penultimate σ; only the diffusers-read variant is written as that class.
+    with pytest.raises(CheckpointError, match="discard_penultimate=False"):
+        scheduler_to_diffusers(replace(SD1, default_sampler="dpm_2"))

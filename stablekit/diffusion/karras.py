@@ -27,7 +27,7 @@ from stablekit.diffusion.schedules import (
 )
 
 
-def _sigma_schedule(schedule: ScheduleConfig, steps: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
+def sigma_schedule(schedule: ScheduleConfig, steps: int, karras: bool) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps, σ) per step, high to low, before the final σ = 0 is appended."""
     ts = float_timesteps(schedule, steps)
     check_timesteps(schedule, steps, ts)
@@ -40,7 +40,8 @@ def _sigma_schedule(schedule: ScheduleConfig, steps: int, karras: bool) -> tuple
     return ts, sig
 
 
-def _plan(schedule: ScheduleConfig, steps: int, ts: np.ndarray, sig: np.ndarray, order: int = 1) -> Plan:
+def sigma_plan(schedule: ScheduleConfig, steps: int, ts: np.ndarray, sig: np.ndarray, order: int = 1) -> Plan:
+    """A σ-space plan evaluating the model at timesteps ``ts`` with σ ``sig`` (one longer: the final σ)."""
     sigmas = torch.from_numpy(np.asarray(sig, dtype=np.float32))
     n = sigmas.shape[0] - 1
     top = sigmas.max()
@@ -61,18 +62,18 @@ def _plan(schedule: ScheduleConfig, steps: int, ts: np.ndarray, sig: np.ndarray,
 
 
 def plan_sigmas(schedule: ScheduleConfig, steps: int, *, karras: bool = False) -> Plan:
-    ts, sig = _sigma_schedule(schedule, steps, karras)
-    return _plan(schedule, steps, ts, np.concatenate([sig, [0.0]]))
+    ts, sig = sigma_schedule(schedule, steps, karras)
+    return sigma_plan(schedule, steps, ts, np.concatenate([sig, [0.0]]))
 
 
 def plan_heun(schedule: ScheduleConfig, steps: int, *, karras: bool = False) -> Plan:
     # Every σ but the first and the final 0 appears twice: the Euler predictor lands on it, then the corrector
     # evaluates the model there. 2N-1 evaluations.
-    ts, sig = _sigma_schedule(schedule, steps, karras)
+    ts, sig = sigma_schedule(schedule, steps, karras)
     sig = np.concatenate([sig, [0.0]]).astype(np.float32)
     sig = np.concatenate([sig[:1], sig[1:-1].repeat(2), sig[-1:]])
     ts = np.concatenate([ts[:1], ts[1:].repeat(2)])
-    return _plan(schedule, steps, ts, sig, order=2)
+    return sigma_plan(schedule, steps, ts, sig, order=2)
 
 
 def _sigmas(plan: Plan) -> Tensor:

@@ -20,7 +20,7 @@ from typing import Any, Literal, NamedTuple
 from torch import Tensor
 
 from stablekit.config import ScheduleConfig
-from stablekit.diffusion import ddim, dpmsolver, karras
+from stablekit.diffusion import ddim, dpmsolver, karras, kdpm
 from stablekit.diffusion.denoiser import Denoiser, ModelFn
 from stablekit.diffusion.noise import Generator as RandomGenerator
 from stablekit.diffusion.schedules import Plan, Steps
@@ -69,6 +69,38 @@ class SamplerInfo:
 # diffusers' DPMSolverMultistepScheduler settings: solver_order and solver_type.
 _DPMPP_OPTIONS = {"order": 2, "solver_type": "midpoint"}
 _DPMPP_CHOICES = {"order": (1, 2), "solver_type": ("midpoint", "heun")}
+
+
+def _uniform_and_karras(
+    name: str,
+    description: str,
+    aliases: tuple[str, ...],
+    plan: Callable[..., Plan],
+    run: Callable[..., Steps],
+    *,
+    stochastic: bool = False,
+    discard_penultimate: bool | None = None,
+) -> tuple[SamplerInfo, SamplerInfo]:
+    """A k-diffusion sampler as A1111 lists it: on the model's own σ, and on Karras σ as "<name> Karras".
+
+    ``discard_penultimate`` (DPM2's): plan one step more and drop the smallest σ > 0, as A1111 does by default;
+    diffusers' KDPM2 schedulers keep it (the option a diffusers folder loads with)."""
+    options = {} if discard_penultimate is None else {"discard_penultimate": discard_penultimate}
+    return (
+        SamplerInfo(
+            name, description, aliases, plan, run, plan_options={"karras": False, **options}, stochastic=stochastic
+        ),
+        SamplerInfo(
+            f"{name}_karras",
+            f"{aliases[0]} on the Karras et al. 2022 σ schedule",
+            (f"{aliases[0]} Karras",),
+            plan,
+            run,
+            plan_options={"karras": True, **options},
+            stochastic=stochastic,
+        ),
+    )
+
 
 SAMPLERS: dict[str, SamplerInfo] = {
     s.name: s
@@ -184,6 +216,39 @@ SAMPLERS: dict[str, SamplerInfo] = {
             plan_options={"karras": False},
             run_options={"order": 2, "disable_corrector": ()},
             choices={"order": (1, 2, 3)},
+        ),
+        *_uniform_and_karras(
+            "dpm_2",
+            "DPM2 (k-diffusion): Karras et al. 2022 Alg. 2 with DPM-Solver-2 midpoint steps, two evaluations per step",
+            ("DPM2", "KDPM2DiscreteScheduler", "k_dpm_2"),
+            kdpm.plan_dpm_2,
+            kdpm.sample_dpm_2,
+            discard_penultimate=True,
+        ),
+        *_uniform_and_karras(
+            "dpm_2_a",
+            "DPM2 ancestral (k-diffusion): DPM2 steps plus fresh noise each step",
+            ("DPM2 a", "KDPM2AncestralDiscreteScheduler", "k_dpm_2_a"),
+            kdpm.plan_dpm_2_ancestral,
+            kdpm.sample_dpm_2_ancestral,
+            discard_penultimate=True,
+            stochastic=True,
+        ),
+        *_uniform_and_karras(
+            "dpmpp_2s_a",
+            "DPM-Solver++(2S) ancestral (Lu et al. 2022, k-diffusion), two evaluations per step",
+            ("DPM++ 2S a", "k_dpmpp_2s_a"),
+            kdpm.plan_dpmpp_2s_ancestral,
+            kdpm.sample_dpmpp_2s_ancestral,
+            stochastic=True,
+        ),
+        *_uniform_and_karras(
+            "dpmpp_sde",
+            "DPM-Solver++ SDE (k-diffusion), Brownian-tree noise per image seed; needs the [sde] extra (torchsde)",
+            ("DPM++ SDE", "DPMSolverSDEScheduler", "k_dpmpp_sde"),
+            kdpm.plan_dpmpp_sde,
+            kdpm.sample_dpmpp_sde,
+            stochastic=True,
         ),
     )
 }

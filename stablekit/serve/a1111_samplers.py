@@ -3,16 +3,20 @@
 
 A1111 1.9 and later name a sampler and a schedule type apart ("DPM++ 2M" + "Karras") and still split the joined
 names ("DPM++ 2M Karras"), the suffix winning over the ``scheduler`` field. "Automatic" is the sampler's own
-default: Karras for DPM++ 2M, exponential for DPM++ 2M SDE, the model's uniform σ schedule for the others. DDIM,
+default: Karras for DPM++ 2M, DPM++ SDE, DPM++ 2S a, DPM2 and DPM2 a, exponential for DPM++ 2M SDE, the model's
+uniform σ schedule for the others. DPM2 and DPM2 a plan one step more and drop the smallest σ > 0, as A1111's do
+(its ``discard_next_to_last_sigma``). DDIM,
 PLMS and UniPC step through the model's timesteps and ignore the schedule type, as A1111's do; UniPC is this
 package's (diffusers' defaults), which A1111's ``uni_pc_*`` settings do not reach.
 
 ``eta``: A1111 gives it to the samplers whose function takes one. DDIM honours it (0 when not sent, A1111's
-``eta_ddim``). Euler a and DPM++ 2M SDE take it in A1111 but run here with eta 1 only (A1111's ``eta_ancestral``
-default), so another value is refused. The rest never see it in A1111 either, and it is ignored.
-``s_churn`` reaches Euler and Heun only, and must be 0 (``s_tmin``, ``s_tmax`` and ``s_noise`` change nothing
-without churn); ``s_noise`` must be 1 for DPM++ 2M SDE and Euler a (A1111 1.10 passes it to the first, its
-derivatives to both), and is ignored for the rest.
+``eta_ddim``). Euler a, DPM2 a, DPM++ 2S a, DPM++ SDE and DPM++ 2M SDE take it in A1111 but run here with eta 1
+only (A1111's ``eta_ancestral`` default), so another value is refused. The rest never see it in A1111 either,
+and it is ignored.
+``s_churn`` reaches Euler, Heun and DPM2 only, and must be 0 (``s_tmin``, ``s_tmax`` and ``s_noise`` change
+nothing without churn); ``s_noise`` must be 1 for DPM++ 2M SDE, DPM++ SDE, DPM++ 2S a, DPM2 a and Euler a (A1111
+1.10 passes it to the k-diffusion functions of the first four, its derivatives to Euler a too), and is ignored for
+the rest. DPM++ SDE needs the ``[sde]`` extra (torchsde); without it, sampling with it fails naming the extra.
 """
 
 from __future__ import annotations
@@ -44,11 +48,15 @@ class A1111Sampler:
 # In A1111's order, those this package has.
 _TABLE = (
     A1111Sampler("DPM++ 2M", ("k_dpmpp_2m",), "dpmpp_2m", "karras", "ignored"),
+    A1111Sampler("DPM++ SDE", ("k_dpmpp_sde",), "dpmpp_sde", "karras", "one", noise=True),
     A1111Sampler("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), "dpmpp_2m_sde", "exponential", "one", noise=True),
+    A1111Sampler("DPM++ 2S a", ("k_dpmpp_2s_a",), "dpmpp_2s_a", "karras", "one", noise=True),
     A1111Sampler("Euler a", ("k_euler_a", "k_euler_ancestral"), "euler_a", "uniform", "one", noise=True),
     A1111Sampler("Euler", ("k_euler",), "euler", "uniform", "ignored", churn=True),
     A1111Sampler("LMS", ("k_lms",), "lms", "uniform", "ignored"),
     A1111Sampler("Heun", ("k_heun",), "heun", "uniform", "ignored", churn=True),
+    A1111Sampler("DPM2", ("k_dpm_2",), "dpm_2", "karras", "ignored", churn=True),
+    A1111Sampler("DPM2 a", ("k_dpm_2_a",), "dpm_2_a", "karras", "one", noise=True),
     A1111Sampler("DDIM", ("ddim",), "ddim", "", "ddim"),
     A1111Sampler("PLMS", ("plms",), "pndm", "", "ignored"),
     A1111Sampler("UniPC", ("unipc",), "unipc", "", "ignored"),

@@ -38,6 +38,14 @@ SCHEDULER_CLASSES = {
     "dpmpp_2m_sde": "DPMSolverMultistepScheduler",
     "dpmpp_2m_sde_karras": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    # Only with discard_penultimate=False, what these classes do (see scheduler_to_diffusers).
+    "dpm_2": "KDPM2DiscreteScheduler",
+    "dpm_2_karras": "KDPM2DiscreteScheduler",
+    "dpm_2_a": "KDPM2AncestralDiscreteScheduler",
+    "dpm_2_a_karras": "KDPM2AncestralDiscreteScheduler",
+    # Its noise is drawn per image here, one tree for the batch there: read back with a note.
+    "dpmpp_sde": "DPMSolverSDEScheduler",
+    "dpmpp_sde_karras": "DPMSolverSDEScheduler",
 }
 
 _SIGMA_KINDS = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
@@ -71,6 +79,9 @@ _SETTINGS: dict[str, dict[str, Any]] = {
         "thresholding": False,
         "use_dynamic_shifting": False,
     },
+    "KDPM2DiscreteScheduler": {"use_karras_sigmas": False, **_SIGMA_KINDS},
+    "KDPM2AncestralDiscreteScheduler": {"use_karras_sigmas": False, **_SIGMA_KINDS},
+    "DPMSolverSDEScheduler": {"use_karras_sigmas": False, **_SIGMA_KINDS, "noise_sampler_seed": None},
     "UniPCMultistepScheduler": {
         "solver_order": 2,
         "solver_type": "bh2",
@@ -88,7 +99,14 @@ _SETTINGS: dict[str, dict[str, Any]] = {
     },
 }
 # Classes without rescale_betas_zero_snr: diffusers keeps the key for other classes and samples without it.
-_NO_ZERO_SNR = ("PNDMScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler")
+_NO_ZERO_SNR = (
+    "PNDMScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSDEScheduler",
+)
 # The one value of a setting we sample as diffusers does, where it is not the class default.
 _SUPPORTED = {"skip_prk_steps": True}
 # diffusers' own fall-backs: solver types of the other multistep classes are read as the class default.
@@ -214,6 +232,17 @@ def _translate(cls: str, s: dict[str, Any], missed: list[str]) -> tuple[str, dic
         return "unipc", options, {"use_karras_sigmas", "disable_corrector", "solver_order", "solver_type"}
     if cls == "EulerAncestralDiscreteScheduler":
         return "euler_a", {}, set()
+    if cls in ("KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        if karras:
+            missed.append("use_karras_sigmas=True (diffusers rounds KDPM2's Karras timesteps; k-diffusion does not)")
+        name = "dpm_2" if cls == "KDPM2DiscreteScheduler" else "dpm_2_a"
+        # diffusers keeps every σ of the schedule, where A1111's DPM2 (our default) drops the smallest.
+        return name + "_karras" * karras, {"discard_penultimate": False}, {"use_karras_sigmas"}
+    if cls == "DPMSolverSDEScheduler":
+        # diffusers draws one Brownian tree for the batch, seeded by this setting or at random; A1111 and we draw
+        # one per image, seeded by the image's seed.
+        missed.append(f"noise_sampler_seed={s['noise_sampler_seed']!r} (noise comes from per-image seeds here)")
+        return "dpmpp_sde" + "_karras" * karras, {}, {"use_karras_sigmas", "noise_sampler_seed"}
     return "pndm", {}, set()  # PNDMScheduler: skip_prk_steps is checked with the settings left over
 
 
@@ -262,6 +291,11 @@ def scheduler_to_diffusers(config: ModelConfig) -> dict[str, Any]:
     if config.default_sampler not in SCHEDULER_CLASSES:
         return d  # not a canonical name: written as DDIM, as ``write_folder``'s model_index.json says
     sampler = resolve_sampler(config.default_sampler)
+    if sampler.startswith("dpm_2") and ("discard_penultimate", False) not in config.default_sampler_options:
+        raise CheckpointError(
+            f"sampler {sampler} drops the penultimate σ as A1111 does, which diffusers' {cls} cannot; "
+            "set its option discard_penultimate=False to write it"
+        )
     if sampler.startswith("dpmpp_2m"):
         d["algorithm_type"] = "sde-dpmsolver++" if "_sde" in sampler else "dpmsolver++"
     if sampler.endswith("_karras"):
@@ -273,8 +307,8 @@ def scheduler_to_diffusers(config: ModelConfig) -> dict[str, Any]:
 def _written(options: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in options:
-        if key == "rescale_betas_zero_snr":
-            continue  # only ever False, for classes that ignore the schedule's value anyway
+        if key == "rescale_betas_zero_snr" or (key == "discard_penultimate" and value is False):
+            continue  # only ever False, for classes that ignore the schedule's value / keep every σ anyway
         if key not in _WRITTEN:
             raise CheckpointError(f"sampler option {key!r} has no diffusers scheduler setting to be written as")
         out[_WRITTEN[key]] = list(value) if isinstance(value, tuple) else value
