@@ -307,7 +307,7 @@ def test_clip_skip_matches_diffusers(pairs: Callable[[str], Pair], kind: str, sk
     gets both prompts through diffusers' own ``encode_prompt(clip_skip=N - 1)``."""
     pair = pairs(kind)
     skipping = Pipeline.from_file(pair.folder, device="cpu", dtype=torch.float32, clip_skip=skip)
-    context, _ = skipping.encode_prompt([PROMPT])
+    context, _ = skipping.encode_prompts([PROMPT])
     assert (context - _embeds(pair.ref, PROMPT, 1, skip - 1)).abs().max() <= 1e-5
     got = _ours(txt2img(skipping, _params("ddim")))
     latents: list[torch.Tensor] = []

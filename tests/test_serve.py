@@ -266,6 +266,36 @@ def test_batched_requests_keep_their_own_images(pipe: Pipeline) -> None:
         assert diff <= 1, (s, diff)
 
 
+def test_prompts_of_different_chunk_counts_do_not_share_a_batch(pipe: Pipeline) -> None:
+    # A merged batch pads every prompt to the longest one's 75-token chunks, which would change the shorter
+    # prompts' images: a two-chunk prompt runs in a batch of its own, the one-chunk prompts together.
+    service = Service(pipe, ServeSettings(worker=WorkerSettings(max_queue=8, max_batch_images=8)))
+    gate, calls = threading.Event(), []
+    prompts = {21: "shape 21", 22: "shape 22, " + "red, " * 40, 23: "shape 23"}
+    assert pipe.prompt_chunks([prompts[22]]) == 2
+    with running(create_app(service)) as url:
+        service.submit("txt2img", GenerationParams("x"), _gate(gate, calls))  # type: ignore[arg-type]
+        _wait_until(lambda: calls)
+        answers: dict[int, httpx.Response] = {}
+        threads = [
+            threading.Thread(target=lambda s=s, q=q: answers.__setitem__(s, _score(url, [q], seed=s)))
+            for s, q in prompts.items()
+        ]
+        for t in threads:
+            t.start()
+        _wait_until(lambda: service.worker.queued() == 3)
+        gate.set()
+        for t in threads:
+            t.join(60)
+    started = {j.params.seed: j.started for j in service.worker.jobs.values() if j.task == "txt2img" and j.outputs}
+    assert started[21] == started[23] != started[22]
+    for s, q in prompts.items():
+        got = _png(answers[s].json()[0]["generated_image"])
+        want = collect(txt2img(pipe, GenerationParams(q, steps=3, guidance_scale=7.5, seed=s, width=64, height=64)))
+        diff = np.abs(np.asarray(got.convert("RGB"), dtype=int) - np.asarray(want[0], dtype=int)).max()
+        assert diff <= 1, (s, diff)
+
+
 def test_a_failing_request_fails_alone_and_the_server_keeps_serving(server: tuple[str, Service]) -> None:
     url, service = server
 

@@ -137,17 +137,17 @@ def test_sampler_and_schedule_names_run_what_a1111_means(
         ({"alwayson_scripts": {"ControlNet": {"args": [{"enabled": True}]}}}, "alwayson_scripts.ControlNet"),
         ({"save_images": True}, "save_images"),
         ({"cfg_scale": 0.5}, "cfg_scale"),
-        ({"sampler_name": "DPM++ SDE"}, "sampler_name"),
+        ({"sampler_name": "DPM++ SDE", "s_noise": 0.9}, "s_noise"),
         ({"sampler_name": "Euler a", "scheduler": "Karras"}, "scheduler"),
         ({"sampler_name": "DPM++ 2M", "scheduler": "Exponential"}, "scheduler"),
         ({"sampler_name": "DPM++ 2M SDE"}, "scheduler"),  # Automatic means exponential for it
         ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
         ({"sampler_name": "Euler", "s_churn": 0.5}, "s_churn"),
         ({"sampler_name": "DPM++ 2M SDE Karras", "s_noise": 0.9}, "s_noise"),
-        ({"prompt": "a (cat:1.2)"}, "prompt"),
+        ({"prompt": "a [cat:dog:0.5]"}, "prompt"),  # prompt editing
+        ({"prompt": "a [cat|dog]"}, "prompt"),  # alternation
         ({"prompt": "a cat <lora:style:0.8>"}, "prompt"),
         ({"prompt": "a cat AND a dog"}, "prompt"),
-        ({"prompt": " ".join(["cat"] * 80)}, "prompt"),  # A1111 chains windows; this package would cut it
         ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings.CLIP_stop_at_last_layers"),
         ({"width": 65}, "width"),
         ({"n_iter": 0}, "n_iter"),
@@ -170,7 +170,21 @@ def test_unknown_fields_are_400_and_escaped_brackets_are_text(
     r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": "many"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"].startswith("steps: ")
     got = api.txt2img(prompt=r"a cat \(tabby\)", seed=2, steps=2, **SIZE)
-    assert _same(got.images, collect(txt2img(pipe, _params(2, prompt="a cat (tabby)", steps=2))))
+    literal = Pipeline(pipe.model, pipe.config, tokenizer=pipe.tokenizer, prompt_weighting=False)
+    assert _same(got.images, collect(txt2img(literal, _params(2, prompt="a cat (tabby)", steps=2))))
+
+
+def test_emphasis_break_and_long_prompts_are_read_as_a1111_reads_them(
+    server: tuple[webuiapi.WebUIApi, str], pipe: Pipeline
+) -> None:
+    api, _ = server
+    prompt = "a (cat:1.2) on [a mat] BREAK " + "tabby, " * 40  # three 75-token chunks
+    assert pipe.prompt_chunks([prompt]) == 3
+    got = api.txt2img(prompt=prompt, seed=3, steps=2, **SIZE)
+    ours = collect(txt2img(pipe, _params(3, prompt=prompt, steps=2)))
+    assert _same(got.images, ours)
+    literal = Pipeline(pipe.model, pipe.config, tokenizer=pipe.tokenizer, prompt_weighting=False)
+    assert not _same(ours, collect(txt2img(literal, _params(3, prompt=prompt, steps=2))))
 
 
 def test_img2img_and_inpainting_are_the_pipelines(server: tuple[webuiapi.WebUIApi, str], pipe: Pipeline) -> None:

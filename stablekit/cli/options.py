@@ -15,6 +15,7 @@ from stablekit.atomic import WriteError, check_writable
 from stablekit.engines import ENGINES, PRECISIONS
 from stablekit.images import load_image, save_png
 from stablekit.pipelines import DTYPES, Event, Generated, GenerationParams, Notice, Pipeline, Progress
+from stablekit.pipelines.networks import add_embedding_files, add_lora, parse_lora_option
 from stablekit.pipelines.params import Limits
 
 DEMO_MODEL = "model (coloured shapes only)"
@@ -42,6 +43,28 @@ def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
         metavar="N",
         help="A1111's clip skip: 1 = the model's own text output (default), N = N - 1 text-encoder layers earlier "
         "(SD1: 2 is the penultimate layer; diffusers' clip_skip=N-1). SD2 counts from its own penultimate layer",
+    )
+    p.add_argument(
+        "--no-prompt-weighting",
+        action="store_true",
+        help="read prompts literally: no (word:1.3) / [word] emphasis or BREAK (long prompts are still chunked)",
+    )
+    networks = p.add_argument_group("LoRAs and embeddings (torch engine)")
+    networks.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="merge this LoRA (kohya/A1111 or diffusers/PEFT keys) for every image; repeatable",
+    )
+    networks.add_argument("--lora-dir", help="folder in which a prompt's <lora:NAME:WEIGHT> tags are looked up")
+    networks.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds), or a folder of "
+        "them; its file name is the word that calls it in a prompt; repeatable",
     )
     limits = p.add_argument_group("limits", "checked before sampling; raise them for a bigger machine")
     for name, help_text in _LIMIT_FLAGS.items():
@@ -173,9 +196,19 @@ def load_pipeline(args: argparse.Namespace, default: Callable[[], Path], what: s
         precision=args.precision,
         cache_dir=args.cache_dir,
         report=lambda message: print(f"note: {message}", file=sys.stderr),
+        prompt_weighting=not args.no_prompt_weighting,
     )
     for note in pipe.notes:
         print(f"note: {note}", file=sys.stderr)
+    if args.lora_dir:
+        if not Path(args.lora_dir).is_dir():
+            raise ValueError(f"--lora-dir {args.lora_dir}: not a folder")
+        pipe.lora_dir = Path(args.lora_dir)
+    for option in args.lora:
+        add_lora(pipe, *parse_lora_option(option))
+    if args.embedding:
+        words = add_embedding_files(pipe, args.embedding)
+        print(f"note: embeddings loaded, called by: {', '.join(words)}", file=sys.stderr)
     return pipe
 
 

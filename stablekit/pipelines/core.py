@@ -26,7 +26,9 @@ from stablekit.models.vae import DiagonalGaussian
 from stablekit.nn.attention import BACKENDS, Backend, attention_backend
 from stablekit.nn.tiling import tiled
 from stablekit.pipelines.params import Limits
+from stablekit.prompts.weighting import encode_prompts, tokenize_weighted
 from stablekit.text.tokenizer import CLIPTokenizer, default_tokenizer
+from stablekit.weights.lora import Lora
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -79,6 +81,10 @@ class Pipeline:
     our k + 1). SD1's own output is its last layer (2 = the penultimate); SD2's is already its penultimate layer
     (1 = layer 23 of 24, 2 = layer 22, which A1111, ignoring clip skip for SD2, never gives). It applies to the
     negative prompt too, as in A1111; diffusers' pipelines encode the negative prompt without it.
+
+    ``prompt_weighting`` reads prompts in A1111's language (``(word:1.3)``, ``[word]``, ``BREAK``); off, the text is
+    literal. Either way a prompt longer than the encoder's window is encoded in 75-token chunks, as A1111 does
+    (diffusers cuts it at 77 tokens).
     """
 
     def __init__(
@@ -97,6 +103,7 @@ class Pipeline:
         limits: Limits | None = None,
         tokenizer: CLIPTokenizer | None = None,
         clip_skip: int = 1,
+        prompt_weighting: bool = True,
     ) -> None:
         if attention not in BACKENDS:
             raise ValueError(f"unknown attention backend {attention!r}; choose one of {', '.join(BACKENDS)}")
@@ -110,6 +117,7 @@ class Pipeline:
         if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= text.layers_used:
             raise ValueError(f"clip skip must be an integer in 1..{text.layers_used} for this model, got {clip_skip!r}")
         self.clip_skip = clip_skip
+        self.prompt_weighting = prompt_weighting
         self.device = resolve_device(device)
         self.dtype = dtype if dtype is not None else default_dtype(self.device)
         if isinstance(model, LatentDiffusion):
@@ -130,6 +138,10 @@ class Pipeline:
         self.vae_tile = vae_tile
         self.unet_tile = unet_tile
         self.limits = limits or Limits()
+        # LoRAs (stablekit.pipelines.networks): the pipeline's own, merged for every run, and the folder in which
+        # a prompt's <lora:NAME> tags are looked up.
+        self.loras: list[tuple[Lora, float]] = []
+        self.lora_dir: Path | None = None
 
     @classmethod
     def from_file(
@@ -149,6 +161,7 @@ class Pipeline:
         precision: Precision = "f32",
         cache_dir: str | Path | None = None,
         report: Callable[[str], None] | None = None,
+        prompt_weighting: bool = True,
     ) -> Pipeline:
         """Load ``path`` (see :func:`stablekit.weights.load_model`; ``ema``, ``vae`` and ``variant`` are passed on:
         the UNet's EMA weights, a separate autoencoder in place of the file's own, a diffusers folder's variant).
@@ -182,6 +195,7 @@ class Pipeline:
                 limits=limits,
                 tokenizer=found.tokenizer,
                 clip_skip=clip_skip,
+                prompt_weighting=prompt_weighting,
             )
         if precision != "f32":
             raise ValueError("--precision is a setting of --engine openvino; the torch engine takes --dtype")
@@ -198,6 +212,7 @@ class Pipeline:
             limits=limits,
             tokenizer=loaded.tokenizer,
             clip_skip=clip_skip,
+            prompt_weighting=prompt_weighting,
         )
 
     @property
@@ -212,17 +227,40 @@ class Pipeline:
         with torch.inference_mode(), attention_backend(self.attention, slice_size=self.slice_size):
             yield
 
-    def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, str | None]:
-        """Prompts -> (B, T, D) context (T: the tokenizer's length, 77 for every released model) at the pipeline's
-        clip skip, and the text the token limit cut off (first one found), if any."""
+    def encode_prompts(
+        self, prompts: Sequence[str], negatives: Sequence[str] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Prompts (and negative prompts) -> contexts (B, 77·k, D) at the pipeline's clip skip, both with the same
+        chunk count k: A1111's prompt language (weights, ``BREAK``, 75-token chunks; see
+        :mod:`stablekit.prompts.weighting`), or the literal text in chunks without ``prompt_weighting``."""
         text = self.config.text
-        tokens = self.tokenizer.tokenize(
-            prompts, pad_token=text.pad_token, context_length=self.tokenizer.max_length or text.context_length
+
+        def encode(ids: Tensor) -> Tensor:  # (N, 77) -> (N, 77, D)
+            with self._running():
+                return self.engine.text(ids.to(self.device), self.clip_skip - 1)
+
+        both = [*prompts, *(negatives or ())]
+        context, _ = encode_prompts(
+            both,
+            self.tokenizer,
+            encode,
+            pad_token=text.pad_token,
+            weighting=self.prompt_weighting,
+            context_length=self.tokenizer.max_length or text.context_length,
         )
-        dropped = next((d for d in tokens.dropped if d), None)
-        with self._running():
-            context = self.engine.text(tokens.ids.to(self.device), self.clip_skip - 1)
-        return context.to(self.dtype), dropped
+        context = context.to(self.dtype)
+        return context[: len(prompts)], None if negatives is None else context[len(prompts) :]
+
+    def prompt_chunks(self, texts: Sequence[str]) -> int:
+        """How many 75-token chunks the longest of ``texts`` takes (what a merged batch pads every prompt to)."""
+        text = self.config.text
+        return tokenize_weighted(
+            texts,
+            self.tokenizer,
+            pad_token=text.pad_token,
+            weighting=self.prompt_weighting,
+            context_length=self.tokenizer.max_length or text.context_length,
+        ).chunks
 
     def unet(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         """The raw UNet call the samplers drive: (N, C_in, h, w), (N,), (N, 77, D), class labels (N,) -> ε or v."""

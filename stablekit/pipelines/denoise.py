@@ -26,7 +26,8 @@ from stablekit.diffusion import SAMPLERS, SampleStep, sample
 from stablekit.images import format_parameters, to_pil
 from stablekit.pipelines.conditioning import Conditioning, conditioned
 from stablekit.pipelines.core import Pipeline
-from stablekit.pipelines.events import Event, Generated, Notice, Progress
+from stablekit.pipelines.events import Event, Generated, Progress
+from stablekit.pipelines.networks import loras_merged, prompt_loras
 from stablekit.pipelines.params import Resolved
 
 
@@ -81,15 +82,16 @@ def denoise(
     ``settings`` are the task's own entries in the PNG ``parameters`` text (e.g. ``Denoising strength``);
     ``tile`` lets the UNet run in the pipeline's overlapping tiles on large latents.
     """
+    texts, loras = prompt_loras(pipe, r.prompts)  # <lora:NAME:W> tags out of the text, checked before any compute
+    with loras_merged(pipe, loras):
+        yield from _denoise(pipe, r, prepare, texts, settings, tile)
+
+
+def _denoise(
+    pipe: Pipeline, r: Resolved, prepare: Prepare, texts: list[str], settings: Mapping[str, object], tile: bool
+) -> Iterator[Event]:
     cfg = pipe.config
-    cond, dropped = pipe.encode_prompt(r.prompts)
-    if dropped:
-        yield Notice(f"prompt truncated to {cfg.text.context_length} tokens; dropped: {dropped!r}")
-    uncond = None
-    if r.guidance > 1:
-        uncond, dropped_neg = pipe.encode_prompt(r.negatives)
-        if dropped_neg:
-            yield Notice(f"negative prompt truncated; dropped: {dropped_neg!r}")
+    cond, uncond = pipe.encode_prompts(texts, r.negatives if r.guidance > 1 else None)
     text = {
         "Steps": r.steps,
         "Sampler": SAMPLERS[r.sampler].display_name,

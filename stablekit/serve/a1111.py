@@ -31,7 +31,6 @@ from stablekit.diffusion import SAMPLERS
 from stablekit.pipelines import GenerationParams
 from stablekit.serve.a1111_requests import (
     Plan,
-    check_prompt_length,
     check_setting,
     current_options,
     plan_img2img,
@@ -58,6 +57,8 @@ _FIELDS = (
     ("seed", "seed"),
     ("width", "width"),
     ("height", "height"),
+    ("LoRA", "prompt"),
+    ("extra network", "prompt"),
 )
 _PARAM = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -175,7 +176,6 @@ def router(service: Service) -> APIRouter:
 
     async def generate(request: Request, req: Processing, plan: Plan, echo: dict[str, Any]) -> JSONResponse:
         params = checked(plan.params)
-        check_prompt_length(pipe, params)
         ts = datetime.now().strftime("%Y%m%d%H%M%S")
         label = "scripts_txt2img" if plan.task == "txt2img" else "scripts_img2img"
         job = service.submit(plan.task, params, plan.run, batchable=plan.task == "txt2img")

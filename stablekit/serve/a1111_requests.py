@@ -5,9 +5,10 @@ request), or refused: never silently dropped.
 What is refused, and why it cannot be honoured here: hires fix, face restoration, tiling, variation seeds and
 seed resizing, prompt styles, refiners, scripts and always-on scripts (ControlNet, ADetailer, ...), ``infotext``,
 saving to disk, guidance below 1 (A1111 extrapolates towards the negative prompt there; this package runs the
-prompt alone), and prompts that use A1111's prompt syntax (``(emphasis:1.2)``, ``[editing]``, ``AND``, ``BREAK``,
-``<lora:...>``) or run past the text encoder's window (A1111 chains several): this package reads prompts as
-plain text, so they would give another image. Brackets escaped as ``\\(`` are plain text, as in A1111.
+prompt alone), and the parts of A1111's prompt language this package does not read (prompt editing
+``[from:to:when]``, alternation ``[a|b]``, ``AND``, extra networks other than ``<lora:NAME:WEIGHT>``), which would
+otherwise be read as text. Emphasis (``(word:1.2)``, ``[word]``), escaped brackets, ``BREAK``, prompts of any length
+and LoRA tags (looked up in the server's ``--lora-dir``) are read as A1111 reads them.
 
 Inpainting (``mask`` given) runs on the whole picture, with the masked area starting from the original image
 (``inpaint_full_res`` false, ``inpainting_fill`` 1); the mask is taken, inverted and blurred as A1111 takes it,
@@ -37,9 +38,9 @@ from stablekit.serve.wire import ApiError, image_field
 
 MAX_MASK_BLUR = 64  # A1111's interface stops there; the kernel grows with it
 _EXTRA_NETWORK = re.compile(r"<\w+:[^>]+>")
-_BRACKET = re.compile(r"(?<!\\)(?:\\\\)*([()\[\]])")
-_ESCAPED = re.compile(r"\\([()\[\]\\])")
-_AND, _BREAK = re.compile(r"\bAND\b"), re.compile(r"\bBREAK\b")
+# [from:to:when], [to:when], [a|b]: square brackets holding an unescaped ':' or '|' (emphasis brackets hold neither)
+_EDITING = re.compile(r"(?<!\\)\[[^\[\]]*?(?<!\\)[:|][^\[\]]*\]")
+_AND = re.compile(r"\bAND\b")
 # Settings that change neither the images nor the answer here (where A1111 saves files, how it shows previews).
 _HARMLESS_PREFIXES = ("outdir_", "save_", "grid_", "samples_filename", "directories_", "live_preview", "show_progress")
 _HARMLESS = {"samples_save", "save_txt", "export_for_4chan", "jpeg_quality", "webp_lossless", "sd_checkpoint_cache"}
@@ -109,32 +110,19 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _plain(text: str | None, field: str, *, split_and: bool) -> str:
-    """A prompt as plain text, or a 400 if it uses A1111 syntax this package would read literally."""
+    """A prompt in the part of A1111's language this package reads (emphasis, ``BREAK``, any length), or a 400
+    for the parts it would read as text: extra networks, prompt editing and alternation, ``AND``."""
     text = text or ""
-    found = _EXTRA_NETWORK.search(text)
-    if found:
-        raise refuse(field, f"extra networks ({found.group()}) are not available here")
-    bracket = _BRACKET.search(text)
-    if bracket:
-        raise refuse(
-            field,
-            f"A1111's emphasis/editing syntax ({bracket.group(1)!r} at {bracket.start(1)}) is not supported here; "
-            "escape brackets meant as text as \\( \\) \\[ \\]",
-        )
-    for word, pattern in (("AND", _AND if split_and else None), ("BREAK", _BREAK)):
-        if pattern is not None and pattern.search(text):
-            raise refuse(field, f"A1111's {word} keyword is not supported here")
-    return _ESCAPED.sub(r"\1", text)
-
-
-def check_prompt_length(pipe: Pipeline, params: GenerationParams) -> None:
-    """A1111 chains 75-token windows for longer prompts; this package cuts them. Refuse rather than cut."""
-    room = (pipe.tokenizer.max_length or pipe.config.text.context_length) - 2
-    for field, text in (("prompt", params.prompt), ("negative_prompt", params.negative_prompt)):
-        assert isinstance(text, str)
-        n = len(pipe.tokenizer.encode(text))
-        if n > room:
-            raise refuse(field, f"{n} tokens, over the text encoder's {room}; shorten it")
+    network = _EXTRA_NETWORK.search(text)
+    if network and not split_and:
+        # A1111 reads extra networks in the prompt only; in a negative prompt they would be drawn as text.
+        raise refuse(field, f"extra networks ({network.group()}) belong in the prompt")
+    editing = _EDITING.search(text)
+    if editing:
+        raise refuse(field, f"A1111's prompt editing/alternation ({editing.group()!r}) is not supported here")
+    if split_and and _AND.search(text):
+        raise refuse(field, "A1111's AND keyword (composable diffusion) is not supported here")
+    return text
 
 
 def _neutral(req: Processing) -> None:

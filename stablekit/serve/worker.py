@@ -24,7 +24,9 @@ from stablekit.config import ModelConfig
 from stablekit.images import to_pil
 from stablekit.pipelines import Generated, GenerationParams, NonFiniteError, Notice, Pipeline, Progress
 from stablekit.pipelines.events import Event
+from stablekit.pipelines.networks import prompt_loras
 from stablekit.pipelines.params import Limits, resolve
+from stablekit.prompts.extra_networks import split_lora_tags
 from stablekit.serve.jobs import Job, JobError, Output
 
 
@@ -103,6 +105,7 @@ class Worker:
         """Validate ``params`` against the model and limits before anything is queued (a ValueError names the
         field); the returned params carry the resolved seed."""
         r = resolve(self.pipe.config, params, size=size, limits=self.pipe.limits)
+        prompt_loras(self.pipe, r.prompts)  # <lora:NAME> tags name files that exist, on an engine that takes them
         return params if params.seeds is not None else replace(params, seed=r.seed)
 
     def submit(self, job: Job) -> int:
@@ -155,17 +158,25 @@ class Worker:
             first = self._queue.popleft()
             batch = [first]
             if self.settings.batching and first.batchable and first.params.batch_count == 1:
-                key, images = _key(first.params), _images(first.params)
+                key, images = self._key(first.params), _images(first.params)
                 pixels = (first.params.width or 0) * (first.params.height or 0)
                 limit = min(self.settings.max_batch_images, self.pipe.limits.max_batch_pixels // max(1, pixels))
                 for job in list(self._queue):
                     n = _images(job.params)
-                    if job.batchable and not job.cancelled and _key(job.params) == key and images + n <= limit:
+                    if job.batchable and not job.cancelled and self._key(job.params) == key and images + n <= limit:
                         self._queue.remove(job)
                         batch.append(job)
                         images += n
             self.running = batch
             return batch
+
+    def _key(self, p: GenerationParams) -> tuple[Any, ...]:
+        # A merged batch pads every prompt to its longest one's chunk count, and padding changes the context:
+        # only jobs whose prompts take the same number of chunks share a batch, so each gets its own image.
+        # And a batch runs with one set of LoRAs merged: only jobs whose prompts name the same ones share it.
+        negatives = [p.negative_prompt] if isinstance(p.negative_prompt, str) else list(p.negative_prompt)
+        loras = {split_lora_tags(q)[1] for q in _prompts(p)}
+        return (*_key(p), self.pipe.prompt_chunks([*_prompts(p), *negatives]), tuple(sorted(loras)))
 
     def _loop(self) -> None:
         while True:

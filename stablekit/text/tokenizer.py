@@ -24,6 +24,7 @@ the unknown token, as transformers' ``CLIPTokenizer`` does.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import html
@@ -177,6 +178,30 @@ class CLIPTokenizer:
         self._skipped = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
         self._no_merge = len(self.vocab.merges)
         self._cache: dict[str, tuple[int, ...]] = {}
+        # Added tokens (textual-inversion triggers): text -> ids, id -> text to decode, and their matcher.
+        self._added: dict[str, tuple[int, ...]] = {}
+        self._added_text: dict[int, str] = {}
+        self._added_re: regex.Pattern[str] | None = None
+
+    def with_added_tokens(self, added: Mapping[str, Sequence[int]]) -> CLIPTokenizer:
+        """A copy that reads each key of ``added`` as its ids (a textual-inversion trigger and its vectors' rows).
+
+        As transformers' ``CLIPTokenizer`` matches added tokens, a trigger is found in the raw text before cleaning,
+        longest first, also inside a word, and in any case (its normalizer lower-cases first, and A1111 matches token
+        ids of lower-cased text); the text around it is tokenized as before.
+        """
+        new = copy.copy(self)
+        new._added = {**self._added, **{text.lower(): tuple(ids) for text, ids in added.items()}}
+        new._added_text = {ids[i]: text if i == 0 else "" for text, ids in new._added.items() for i in range(len(ids))}
+        longest_first = sorted(new._added, key=len, reverse=True)
+        pattern = "|".join(map(regex.escape, longest_first))
+        new._added_re = regex.compile(pattern, regex.IGNORECASE) if longest_first else None
+        return new
+
+    @property
+    def added_tokens(self) -> dict[str, tuple[int, ...]]:
+        """Added token text (lower-cased) -> its ids (see :meth:`with_added_tokens`)."""
+        return dict(self._added)
 
     def mismatch(self, *, vocab_size: int, context_length: int, pad_token: int) -> str | None:
         """Why this tokenizer cannot feed a text encoder of ``vocab_size`` token embeddings and ``context_length``
@@ -204,7 +229,8 @@ class CLIPTokenizer:
     def is_builtin(self) -> bool:
         """Whether the vocabulary and specials are the built-in CLIP ones (padding aside)."""
         same = self.vocab is builtin_vocabulary() or self.vocab == builtin_vocabulary()
-        return same and (self.bos_token, self.eos_token, self.unk_token) == (BOS_TOKEN, EOS_TOKEN, EOS_TOKEN)
+        specials = (self.bos_token, self.eos_token, self.unk_token) == (BOS_TOKEN, EOS_TOKEN, EOS_TOKEN)
+        return same and specials and not self._added
 
     def _bpe(self, word: str) -> tuple[int, ...]:
         """Ids of one regex word given as byte symbols."""
@@ -245,6 +271,25 @@ class CLIPTokenizer:
 
     def _words(self, text: str) -> tuple[str, list[tuple[int, int, tuple[int, ...]]]]:
         """The cleaned text to show the user, and (start, end, ids) of each word in it."""
+        if self._added_re is None:
+            return self._plain_words(text)
+        shown, words = "", []
+        pos = 0
+        for piece in [*self._added_re.finditer(text), None]:
+            end = len(text) if piece is None else piece.start()
+            part_shown, part_words = self._plain_words(text[pos:end])
+            if piece is not None:
+                found = piece.group()
+                part_shown = f"{part_shown} {found}".lstrip()
+                part_words.append((len(part_shown) - len(found), len(part_shown), self._added[found.lower()]))
+                pos = piece.end()
+            if part_shown:
+                base = len(shown) + 1 if shown else 0  # the pieces are shown joined by one space
+                shown = f"{shown} {part_shown}" if shown else part_shown
+                words += [(base + s, base + e, ids) for s, e, ids in part_words]
+        return shown, words
+
+    def _plain_words(self, text: str) -> tuple[str, list[tuple[int, int, tuple[int, ...]]]]:
         cleaned = _clean(text)
         lowered = cleaned.lower()
         # lower() can lengthen a few characters (İ -> i̇); then spans only index the lower-cased text.
@@ -261,11 +306,19 @@ class CLIPTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids: cleaned, lower-cased, a space after every regex word (so "42," reads
-        "4 2 ,"); start, end and pad tokens are skipped."""
+        "4 2 ,"); start, end and pad tokens are skipped, and an added token reads as its text."""
         tokens = self.vocab.tokens
-        symbols = "".join(tokens.get(i, "") for i in ids if i not in self._skipped).replace(_END, " ")
-        raw = symbols.translate(_FROM_SYMBOLS).encode("latin-1", "replace")
-        return raw.decode("utf-8", errors="replace").strip()
+        texts: list[str] = []
+        run: list[int] = []
+        for i in [*ids, None]:
+            if i is None or i in self._added_text:
+                symbols = "".join(tokens.get(j, "") for j in run if j not in self._skipped).replace(_END, " ")
+                raw = symbols.translate(_FROM_SYMBOLS).encode("latin-1", "replace")
+                texts += [raw.decode("utf-8", errors="replace").strip(), "" if i is None else self._added_text[i]]
+                run = []
+            else:
+                run.append(i)
+        return " ".join(t for t in texts if t)
 
     def tokenize(
         self, prompts: str | Sequence[str], *, pad_token: int | None = None, context_length: int | None = None
