@@ -1,10 +1,15 @@
-"""``stablekit train``: train CLIP, the autoencoder or the UNet on image/caption pairs, or reproduce the demo
-model (``demo``) or its x4 upscaler (``demo-upscaler``).
+"""``stablekit train``: train CLIP, the autoencoder or the UNet on image/caption pairs, teach a model a subject
+(``dreambooth``), or reproduce the demo model (``demo``) or its x4 upscaler (``demo-upscaler``).
 
 Stages run in order for a model from scratch: ``clip`` (the text encoder, contrastively), ``vae`` (the
 autoencoder), then ``unet`` with ``--vae`` and ``--text`` pointing at their exports; or ``unet --model FILE``
-fine-tunes a released checkpoint's UNet. Launch with ``torchrun --nproc_per_node N -m stablekit train ...``
-for several processes. An interrupted run continues with ``--resume``.
+fine-tunes a released checkpoint's UNet. ``dreambooth --model FILE --instance-data DIR --instance-prompt "a sks
+dog"`` fine-tunes it on a few images of one subject; with ``--class-prompt "a dog"`` (the model then generates
+``--num-class-images`` of the class into the run folder, once) or ``--class-data DIR`` it adds the
+prior-preservation loss. It runs 400 steps at 5e-6 without EMA unless told otherwise.
+
+Launch with ``torchrun --nproc_per_node N -m stablekit train ...`` for several processes. An interrupted run
+continues with ``--resume``.
 """
 
 from __future__ import annotations
@@ -42,11 +47,11 @@ _TRAIN_FLAGS = {  # TrainConfig field -> (type, help)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train CLIP, the autoencoder or the UNet; reproduce the demo model or its upscaler",
+        help="train CLIP, the autoencoder or the UNet; DreamBooth; reproduce the demo model or its upscaler",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("stage", choices=("clip", "vae", "unet", "demo", "demo-upscaler"))
+    p.add_argument("stage", choices=("clip", "vae", "unet", "dreambooth", "demo", "demo-upscaler"))
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, the exported model")
     p.add_argument("--data", help="image folder (+ .txt captions), .jsonl/.parquet manifest or webdataset shards")
     p.add_argument("--config-preset", default="demo", choices=sorted(PRESETS), help="architecture (default: demo)")
@@ -59,10 +64,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-dropout", type=float, default=0.1, help="unet: share of empty captions (for CFG)")
     p.add_argument("--vae", help="unet: the vae stage's vae.safetensors")
     p.add_argument("--text", help="unet: the clip stage's text.safetensors")
-    p.add_argument("--model", help="unet: a whole model file to fine-tune (instead of --vae/--text)")
+    p.add_argument("--model", help="unet, dreambooth: a whole model file to fine-tune (unet: instead of --vae/--text)")
     p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the KL term")
     p.add_argument("--recon", choices=("l1", "mse"), default="l1", help="vae: reconstruction loss")
     p.add_argument("--install", help="demo, demo-upscaler: where to copy the fp16 model (default: the package's)")
+    db = p.add_argument_group("dreambooth")
+    db.add_argument("--instance-data", help="folder of the subject's images (a same-stem .txt overrides the prompt)")
+    db.add_argument("--instance-prompt", help='their prompt, with a rare token for the subject: "a sks dog"')
+    db.add_argument(
+        "--class-prompt",
+        action="append",
+        default=[],
+        help='the class\'s prompt ("a dog"), for prior preservation; repeat it to cycle through several',
+    )
+    db.add_argument("--num-class-images", type=int, default=100, help="class images the model generates (default 100)")
+    db.add_argument("--class-data", help="a folder of class images to use instead of generating them")
+    db.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class loss (default 1)")
+    db.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
     filters = p.add_argument_group("LAION-style filters (from metadata columns)")
     filters.add_argument("--min-size", type=int, help="drop images whose shorter side is smaller")
     filters.add_argument("--min-aesthetic", type=float, help="drop images with a lower aesthetic score")
@@ -71,13 +89,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
+def _train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default: TrainConfig's defaults) with the flags given."""
     from stablekit.train.trainer import TrainConfig
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if args.no_progress:
         given["progress"] = False
-    return TrainConfig(**given)
+    return replace(base or TrainConfig(), **given)
+
+
+def _dreambooth(args: argparse.Namespace) -> int:
+    from stablekit.train.dreambooth import DREAMBOOTH_TRAIN, DreamBooth, train_dreambooth
+
+    if not args.model or not args.instance_data:
+        raise UserError("dreambooth needs --model and --instance-data")
+    if args.num_class_images < 1:
+        raise UserError("--num-class-images must be positive")
+    spec = DreamBooth(
+        instance_data=args.instance_data,
+        instance_prompt=args.instance_prompt,
+        class_prompts=tuple(args.class_prompt),
+        num_class_images=args.num_class_images,
+        class_data=args.class_data,
+        prior_loss_weight=args.prior_loss_weight,
+        train_text_encoder=args.train_text_encoder,
+        size=args.size,
+    )
+    summary, report = train_dreambooth(
+        args.model, args.out, spec, _train_config(args, DREAMBOOTH_TRAIN), resume=args.resume
+    )
+    print(
+        f"{summary.steps} steps ({summary.precision}) in {summary.seconds:.0f} s on {report['instance_images']} "
+        f"instance and {report['class_images']} class images, final loss {summary.final_loss:.4g}; "
+        f"wrote {', '.join(str(p) for p in summary.exported)}"
+    )
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,6 +148,9 @@ def run(args: argparse.Namespace) -> int:
         report = train_demo_upscaler(args.out, recipe_x4, install=install)
         print(json.dumps({k: v for k, v in report.items() if k != "recipe"}, indent=2))
         return 0
+
+    if args.stage == "dreambooth":
+        return _dreambooth(args)
 
     from stablekit.train.data import collate, open_dataset
     from stablekit.train.filters import Filters

@@ -251,10 +251,12 @@ def write_folder(
     *,
     optional: tuple[str, ...] = (),
     tokenizer: CLIPTokenizer | None = None,
+    weights: bool = True,
 ) -> None:
     """Write a diffusers folder from an original-layout state dict. ``optional`` are original keys diffusers
     does not store (the text tower's unused parts); ``tokenizer`` is the model's own (default: the built-in
-    vocabulary)."""
+    vocabulary). ``weights=False`` writes the configs and the tokenizer only (``state`` is then unused): what
+    diffusers' ``from_single_file(file, config=folder)`` reads beside a single file, without a second copy."""
     folder = os.fspath(path)
     own = tokenizer is not None and not same_as_builtin(tokenizer, config.text.context_length)
     if not own and config.text.kind == "openai" and config.text.pad_token != EOT:
@@ -278,14 +280,16 @@ def write_folder(
     _write_json(os.path.join(folder, "model_index.json"), index)
 
     for component, prefix in _PREFIXES.items():
-        mine = {k[len(prefix) :]: t for k, t in state.items() if k.startswith(prefix)}
-        skip = tuple(k[len(prefix) :] for k in optional if k.startswith(prefix))
-        tensors = _from_original(component, mine, config, skip)
         sub = os.path.join(folder, component)
         _write_json(
             os.path.join(sub, "config.json"),
             {"_diffusers_version": DIFFUSERS_VERSION, **_component_config(component, config)},
         )
+        if not weights:
+            continue
+        mine = {k[len(prefix) :]: t for k, t in state.items() if k.startswith(prefix)}
+        skip = tuple(k[len(prefix) :] for k in optional if k.startswith(prefix))
+        tensors = _from_original(component, mine, config, skip)
         write_safetensors(os.path.join(sub, _WEIGHT_NAMES[component][0] + ".safetensors"), tensors, {"format": "pt"})
 
     _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler_to_diffusers(config))
