@@ -29,19 +29,30 @@ def require(name: str) -> types.ModuleType:
         pytest.fail(f"test oracle {name!r} cannot be imported ({e}); run `make install`", pytrace=False)
 
 
-def _bare_open_clip() -> None:
-    if "open_clip" in sys.modules:
+def bare_package(package: str, hint: str) -> None:
+    """Register ``package`` without running its ``__init__`` (which imports what this environment lacks), so its
+    submodules import alone; the test fails with ``hint`` if the package is not installed."""
+    if package in sys.modules:
         return
-    spec = importlib.util.find_spec("open_clip")
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.submodule_search_locations is None:
-        pytest.fail(
-            "test oracle open_clip_torch is not installed; run `make install` "
-            "(it installs open_clip_torch==3.3.0 with --no-deps)",
-            pytrace=False,
-        )
-    package = types.ModuleType("open_clip")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["open_clip"] = package
+        pytest.fail(f"test oracle {hint}", pytrace=False)
+    module = types.ModuleType(package)
+    module.__path__ = list(spec.submodule_search_locations)
+    sys.modules[package] = module
+
+
+def import_beside(full: str, stand_in: dict[str, types.ModuleType]) -> types.ModuleType:
+    """Import module ``full`` with ``stand_in`` modules present only while it imports."""
+    if full in sys.modules:
+        return sys.modules[full]
+    added = [k for k in stand_in if k not in sys.modules]
+    sys.modules.update({k: stand_in[k] for k in added})
+    try:
+        return importlib.import_module(full)
+    finally:
+        for k in added:
+            del sys.modules[k]
 
 
 class _NoFrozenBatchNorm:
@@ -61,18 +72,9 @@ def _torchvision_stand_in() -> dict[str, types.ModuleType]:
 
 def open_clip_module(name: str) -> types.ModuleType:
     """``open_clip.<name>`` (e.g. ``tokenizer``, ``transformer``); the test fails if the wheel is absent."""
-    _bare_open_clip()
-    full = f"open_clip.{name}"
-    if full in sys.modules:
-        return sys.modules[full]
-    stand_in = _torchvision_stand_in()
-    added = [k for k in stand_in if k not in sys.modules]
-    sys.modules.update({k: stand_in[k] for k in added})
-    try:
-        return importlib.import_module(full)
-    finally:
-        for k in added:
-            del sys.modules[k]
+    hint = "open_clip_torch is not installed; run `make install` (it installs open_clip_torch==3.3.0 with --no-deps)"
+    bare_package("open_clip", hint)
+    return import_beside(f"open_clip.{name}", _torchvision_stand_in())
 
 
 def hf_clip_tokenizer(folder: Path, *, pad_token: str | None = None):  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ from torch import Tensor
 from stablekit.config import ScheduleConfig
 from stablekit.diffusion import SAMPLERS, resolve_sampler, sample
 from stablekit.diffusion.schedules import alphas_cumprod
-from tests.oracles import require
+from tests.oracles import bare_package, import_beside, require
 from tests.test_samplers import PRED, SD_CONFIG, SHAPE, Model, diffusers_run, ours
 
 # k-diffusion's own Brownian tree is queried an ulp outside its range (exp(-(-log σ)) != σ); torchsde warns.
@@ -57,28 +57,9 @@ def kdiffusion(name: str) -> types.ModuleType:
     torchvision); the test fails if the wheel or the libraries ``sampling`` imports are absent."""
     require("torchsde")
     require("torchdiffeq")
-    if "k_diffusion" not in sys.modules:
-        spec = importlib.util.find_spec("k_diffusion")
-        if spec is None or spec.submodule_search_locations is None:
-            pytest.fail(
-                "test oracle k-diffusion is not installed; run `make install` "
-                "(it installs k-diffusion==0.1.1.post1 with --no-deps)",
-                pytrace=False,
-            )
-        package = types.ModuleType("k_diffusion")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["k_diffusion"] = package
-    full = f"k_diffusion.{name}"
-    if full in sys.modules:
-        return sys.modules[full]
-    stand_in = _torchvision_stand_in()
-    added = [k for k in stand_in if k not in sys.modules]
-    sys.modules.update({k: stand_in[k] for k in added})
-    try:
-        return importlib.import_module(full)
-    finally:
-        for k in added:
-            del sys.modules[k]
+    hint = "k-diffusion is not installed; run `make install` (it installs k-diffusion==0.1.1.post1 with --no-deps)"
+    bare_package("k_diffusion", hint)
+    return import_beside(f"k_diffusion.{name}", _torchvision_stand_in())
 
 
 class _CompVisModel(torch.nn.Module):

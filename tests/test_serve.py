@@ -237,63 +237,55 @@ def test_generate_streams_each_step_and_cancel_stops_a_running_job(server: tuple
     assert httpx.get(f"{url}/v1/jobs/nope", timeout=10).status_code == 404
 
 
-def test_batched_requests_keep_their_own_images(pipe: Pipeline) -> None:
+def _queued_together(pipe: Pipeline, prompts: dict[int, str]) -> tuple[Service, dict[int, httpx.Response]]:
+    """/score requests (seed -> prompt) queued behind a held job, so the worker sees them all at once."""
     service = Service(pipe, ServeSettings(worker=WorkerSettings(max_queue=8, max_batch_images=8)))
     gate, calls = threading.Event(), []
-    seeds = [11, 12, 13]
+    answers: dict[int, httpx.Response] = {}
     with running(create_app(service)) as url:
         service.submit("txt2img", GenerationParams("x"), _gate(gate, calls))  # type: ignore[arg-type]
         _wait_until(lambda: calls)
-        answers: dict[int, httpx.Response] = {}
-        threads = [
-            threading.Thread(target=lambda s=s: answers.__setitem__(s, _score(url, [f"shape {s}"], seed=s)))
-            for s in seeds
-        ]
-        for t in threads:
-            t.start()
-        _wait_until(lambda: service.worker.queued() == 3)
-        gate.set()
-        for t in threads:
-            t.join(60)
-    jobs = [j for j in service.worker.jobs.values() if j.task == "txt2img" and j.outputs]
-    assert len({j.started for j in jobs}) == 1, "the three requests ran as one batch"
-    for s in seeds:
-        got = _png(answers[s].json()[0]["generated_image"])
-        want = collect(
-            txt2img(pipe, GenerationParams(f"shape {s}", steps=3, guidance_scale=7.5, seed=s, width=64, height=64))
-        )
-        diff = np.abs(np.asarray(got.convert("RGB"), dtype=int) - np.asarray(want[0], dtype=int)).max()
-        assert diff <= 1, (s, diff)
-
-
-def test_prompts_of_different_chunk_counts_do_not_share_a_batch(pipe: Pipeline) -> None:
-    # A merged batch pads every prompt to the longest one's 75-token chunks, which would change the shorter
-    # prompts' images: a two-chunk prompt runs in a batch of its own, the one-chunk prompts together.
-    service = Service(pipe, ServeSettings(worker=WorkerSettings(max_queue=8, max_batch_images=8)))
-    gate, calls = threading.Event(), []
-    prompts = {21: "shape 21", 22: "shape 22, " + "red, " * 40, 23: "shape 23"}
-    assert pipe.prompt_chunks([prompts[22]]) == 2
-    with running(create_app(service)) as url:
-        service.submit("txt2img", GenerationParams("x"), _gate(gate, calls))  # type: ignore[arg-type]
-        _wait_until(lambda: calls)
-        answers: dict[int, httpx.Response] = {}
         threads = [
             threading.Thread(target=lambda s=s, q=q: answers.__setitem__(s, _score(url, [q], seed=s)))
             for s, q in prompts.items()
         ]
         for t in threads:
             t.start()
-        _wait_until(lambda: service.worker.queued() == 3)
+        _wait_until(lambda: service.worker.queued() == len(prompts))
         gate.set()
         for t in threads:
             t.join(60)
-    started = {j.params.seed: j.started for j in service.worker.jobs.values() if j.task == "txt2img" and j.outputs}
-    assert started[21] == started[23] != started[22]
+    return service, answers
+
+
+def _each_as_alone(pipe: Pipeline, prompts: dict[int, str], answers: dict[int, httpx.Response]) -> None:
     for s, q in prompts.items():
         got = _png(answers[s].json()[0]["generated_image"])
         want = collect(txt2img(pipe, GenerationParams(q, steps=3, guidance_scale=7.5, seed=s, width=64, height=64)))
         diff = np.abs(np.asarray(got.convert("RGB"), dtype=int) - np.asarray(want[0], dtype=int)).max()
         assert diff <= 1, (s, diff)
+
+
+def _started(service: Service) -> dict[int | None, float | None]:
+    return {j.params.seed: j.started for j in service.worker.jobs.values() if j.task == "txt2img" and j.outputs}
+
+
+def test_batched_requests_keep_their_own_images(pipe: Pipeline) -> None:
+    prompts = {s: f"shape {s}" for s in (11, 12, 13)}
+    service, answers = _queued_together(pipe, prompts)
+    assert len(set(_started(service).values())) == 1, "the three requests ran as one batch"
+    _each_as_alone(pipe, prompts, answers)
+
+
+def test_prompts_of_different_chunk_counts_do_not_share_a_batch(pipe: Pipeline) -> None:
+    # A merged batch pads every prompt to the longest one's 75-token chunks, which would change the shorter
+    # prompts' images: a two-chunk prompt runs in a batch of its own, the one-chunk prompts together.
+    prompts = {21: "shape 21", 22: "shape 22, " + "red, " * 40, 23: "shape 23"}
+    assert pipe.prompt_chunks([prompts[22]]) == 2
+    service, answers = _queued_together(pipe, prompts)
+    started = _started(service)
+    assert started[21] == started[23] != started[22]
+    _each_as_alone(pipe, prompts, answers)
 
 
 def test_a_failing_request_fails_alone_and_the_server_keeps_serving(server: tuple[str, Service]) -> None:

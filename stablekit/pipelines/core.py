@@ -169,48 +169,40 @@ class Pipeline:
         ``engine="openvino"`` runs the networks with OpenVINO on the CPU at ``precision`` (``"f32"``, or ``"bf16"``
         where the CPU has it), converting them once into ``cache_dir`` (default: the user's cache folder);
         ``report`` hears about the slow steps (a conversion) as they start."""
-        from stablekit.weights import load_model
+        from stablekit.weights import Probe, load_model
 
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         dev = resolve_device(device)
+        found: Probe
+        networks: LatentDiffusion | Engine
         if engine == "openvino":
             if dev.type != "cpu" or dtype not in (None, torch.float32):
                 raise ValueError("--engine openvino runs on the CPU in fp32; its arithmetic is set by --precision")
             from stablekit.pipelines.openvino import load_openvino
 
-            found, compiled = load_openvino(
+            dt = torch.float32
+            found, networks = load_openvino(
                 path, prediction, ema, vae, variant, clip_skip, precision, cache_dir=cache_dir, report=report
             )
-            return cls(
-                compiled,
-                found.config,
-                device="cpu",
-                dtype=torch.float32,
-                name=Path(path).stem,
-                notes=found.notes,
-                attention=attention,
-                limits=limits,
-                tokenizer=found.tokenizer,
-                clip_skip=clip_skip,
-                prompt_weighting=prompt_weighting,
-            )
-        if precision != "f32":
-            raise ValueError("--precision is a setting of --engine openvino; the torch engine takes --dtype")
-        dt = dtype if dtype is not None else default_dtype(dev)
-        loaded = load_model(path, prediction=prediction, dtype=dt, device=dev, ema=ema, vae=vae, variant=variant)
+        else:
+            if precision != "f32":
+                raise ValueError("--precision is a setting of --engine openvino; the torch engine takes --dtype")
+            dt = dtype if dtype is not None else default_dtype(dev)
+            loaded = load_model(path, prediction=prediction, dtype=dt, device=dev, ema=ema, vae=vae, variant=variant)
+            found, networks = loaded, loaded.model
         return cls(
-            loaded.model,
-            loaded.config,
+            networks,
+            found.config,
             device=dev,
             dtype=dt,
             name=Path(path).stem,
-            notes=loaded.notes,
+            notes=found.notes,
             attention=attention,
             limits=limits,
-            tokenizer=loaded.tokenizer,
+            tokenizer=found.tokenizer,
             clip_skip=clip_skip,
             prompt_weighting=prompt_weighting,
         )
