@@ -174,8 +174,12 @@ def test_a_pipeline_with_embeddings_encodes_as_diffusers_does(setup: dict[str, A
         want = ref.encode_prompt(PROMPT, "cpu", 1, False)[0]  # (1, 77, D)
     pipe = Pipeline.from_file(setup[kind], device="cpu", dtype=torch.float32)
     assert add_embedding_files(pipe, list(files.values())) == ["<cat-toy>", "<wavy-style>", "bad-hands"]
+    again = Pipeline.from_file(setup[kind], device="cpu", dtype=torch.float32)
+    assert add_embedding_files(again, [f"{files['single']}=kitty"]) == ["kitty"]  # FILE=WORD
+    renamed, _ = again.encode_prompts(["a photo of kitty"])
     got, _ = pipe.encode_prompts([PROMPT])  # through the prompt-language path: chunking, weights
     assert (got - want).abs().max().item() <= 1e-5
+    assert torch.equal(renamed, pipe.encode_prompts(["a photo of <cat-toy>"])[0])  # the same vector, another word
 
 
 def test_cli_embedding_folder(setup: dict[str, Any], tmp_path: Path) -> None:

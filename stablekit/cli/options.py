@@ -62,9 +62,9 @@ def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
         "--embedding",
         action="append",
         default=[],
-        metavar="PATH",
+        metavar="PATH[=WORD]",
         help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds), or a folder of "
-        "them; its file name is the word that calls it in a prompt; repeatable",
+        "them; WORD (default: its own token, else its file name) calls it in a prompt; repeatable",
     )
     limits = p.add_argument_group("limits", "checked before sampling; raise them for a bigger machine")
     for name, help_text in _LIMIT_FLAGS.items():

@@ -96,13 +96,22 @@ def add_lora(pipe: Pipeline, path: str | os.PathLike[str], weight: float = 1.0) 
 
 
 def add_embedding_files(pipe: Pipeline, paths: Sequence[str | os.PathLike[str]]) -> list[str]:
-    """Load textual-inversion embeddings into ``pipe`` for its lifetime; their trigger words, in order. A folder
-    contributes every embedding file in it, each named by its file name (as A1111's embeddings folder)."""
+    """Load textual-inversion embeddings into ``pipe`` for its lifetime; their trigger words, in order. An entry
+    ``FILE=WORD`` calls the file's embedding by WORD; otherwise it is called by its own token (a diffusers file) or
+    its file name. A folder contributes every embedding file in it, each named by its file name (as A1111's
+    embeddings folder)."""
     engine = _torch_only(pipe, "embeddings")
-    files: list[Path] = []
-    for p in map(Path, paths):
-        files += sorted(f for f in p.iterdir() if f.suffix.lower() in EMBEDDING_SUFFIXES) if p.is_dir() else [p]
-    embeddings = [read_embedding(f) for f in files]
+    chosen: list[tuple[Path, str | None]] = []
+    for entry in map(str, paths):
+        path, sep, word = entry.rpartition("=") if "=" in Path(entry).name else (entry, "", "")
+        p = Path(path)
+        if p.is_dir():
+            if sep:
+                raise ValueError(f"--embedding {entry}: a folder's embeddings are called by their file names")
+            chosen += [(f, None) for f in sorted(p.iterdir()) if f.suffix.lower() in EMBEDDING_SUFFIXES]
+        else:
+            chosen.append((p, word.strip() or None))
+    embeddings = [read_embedding(f, token=word) for f, word in chosen]
     for e in embeddings:
         check_width(e, pipe.config.text)
     added = add_embeddings(engine.model.cond_stage_model, pipe.tokenizer, embeddings)
