@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from stablekit.models.clip import text_encoder
 from stablekit.prompts.syntax import parse_prompt_attention
-from stablekit.text.tokenizer import EOT, SOT, CLIPTokenizer
 from stablekit.prompts.weighting import encode_pair, encode_prompts, tokenize_weighted
+from stablekit.text.tokenizer import EOT, SOT, CLIPTokenizer
 from tests.tiny import TINY_TEXT_SD1
 
 Encode = Callable[[Tensor], Tensor]
