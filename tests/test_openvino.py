@@ -214,7 +214,7 @@ def test_missing_package_says_how_to_install(models, monkeypatch):
 
 def _cli(*args: str, env_cache: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["stablekit", *args],
+        [sys.executable, "-c", "import sys; from stablekit.cli import main; sys.exit(main())", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "STABLEKIT_CACHE_DIR": str(env_cache)},

@@ -1,12 +1,15 @@
 """``stablekit train``: train CLIP, the autoencoder or the UNet on image/caption pairs, teach a model a subject
-(``dreambooth``), or reproduce the demo model (``demo``) or its x4 upscaler (``demo-upscaler``).
+(``dreambooth``) or train a LoRA for it (``lora``), or reproduce the demo model (``demo``) or its x4 upscaler
+(``demo-upscaler``).
 
 Stages run in order for a model from scratch: ``clip`` (the text encoder, contrastively), ``vae`` (the
 autoencoder), then ``unet`` with ``--vae`` and ``--text`` pointing at their exports; or ``unet --model FILE``
 fine-tunes a released checkpoint's UNet. ``dreambooth --model FILE --instance-data DIR --instance-prompt "a sks
 dog"`` fine-tunes it on a few images of one subject; with ``--class-prompt "a dog"`` (the model then generates
 ``--num-class-images`` of the class into the run folder, once) or ``--class-data DIR`` it adds the
-prior-preservation loss. It runs 400 steps at 5e-6 without EMA unless told otherwise.
+prior-preservation loss. It runs 400 steps at 5e-6 without EMA unless told otherwise. ``lora --model FILE`` takes
+the same options, or ``--data`` for a captioned data set, and trains only low-rank updates (``--rank``, ``--alpha``)
+of the attention projections into ``lora.safetensors`` (kohya/A1111 keys), at 1e-4.
 
 Launch with ``torchrun --nproc_per_node N -m stablekit train ...`` for several processes. An interrupted run
 continues with ``--resume``.
@@ -25,6 +28,8 @@ from stablekit.cli import UserError
 from stablekit.config import PRESETS
 
 if TYPE_CHECKING:
+    from stablekit.train.dreambooth import DreamBooth
+    from stablekit.train.filters import Filters
     from stablekit.train.trainer import TrainConfig
 
 _TRAIN_FLAGS = {  # TrainConfig field -> (type, help)
@@ -47,11 +52,11 @@ _TRAIN_FLAGS = {  # TrainConfig field -> (type, help)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train CLIP, the autoencoder or the UNet; DreamBooth; reproduce the demo model or its upscaler",
+        help="train CLIP, the autoencoder or the UNet; DreamBooth; LoRA; reproduce the demo model or its upscaler",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("stage", choices=("clip", "vae", "unet", "dreambooth", "demo", "demo-upscaler"))
+    p.add_argument("stage", choices=("clip", "vae", "unet", "dreambooth", "lora", "demo", "demo-upscaler"))
     p.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, the exported model")
     p.add_argument("--data", help="image folder (+ .txt captions), .jsonl/.parquet manifest or webdataset shards")
     p.add_argument("--config-preset", default="demo", choices=sorted(PRESETS), help="architecture (default: demo)")
@@ -64,11 +69,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--caption-dropout", type=float, default=0.1, help="unet: share of empty captions (for CFG)")
     p.add_argument("--vae", help="unet: the vae stage's vae.safetensors")
     p.add_argument("--text", help="unet: the clip stage's text.safetensors")
-    p.add_argument("--model", help="unet, dreambooth: a whole model file to fine-tune (unet: instead of --vae/--text)")
+    p.add_argument(
+        "--model", help="unet, dreambooth, lora: a whole model file to fine-tune (unet: instead of --vae/--text)"
+    )
     p.add_argument("--kl-weight", type=float, default=1e-4, help="vae: weight of the KL term")
     p.add_argument("--recon", choices=("l1", "mse"), default="l1", help="vae: reconstruction loss")
     p.add_argument("--install", help="demo, demo-upscaler: where to copy the fp16 model (default: the package's)")
-    db = p.add_argument_group("dreambooth")
+    db = p.add_argument_group("dreambooth, lora")
     db.add_argument("--instance-data", help="folder of the subject's images (a same-stem .txt overrides the prompt)")
     db.add_argument("--instance-prompt", help='their prompt, with a rare token for the subject: "a sks dog"')
     db.add_argument(
@@ -80,7 +87,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     db.add_argument("--num-class-images", type=int, default=100, help="class images the model generates (default 100)")
     db.add_argument("--class-data", help="a folder of class images to use instead of generating them")
     db.add_argument("--prior-loss-weight", type=float, default=1.0, help="weight of the class loss (default 1)")
-    db.add_argument("--train-text-encoder", action="store_true", help="train the text encoder too")
+    db.add_argument(
+        "--train-text-encoder", action="store_true", help="train the text encoder too (lora: LoRA on its attention)"
+    )
+    lora = p.add_argument_group("lora")
+    lora.add_argument("--rank", type=int, default=4, help="rank of the low-rank updates (default 4)")
+    lora.add_argument("--alpha", type=float, help="their alpha: the update is scaled by alpha / rank (default: rank)")
     filters = p.add_argument_group("LAION-style filters (from metadata columns)")
     filters.add_argument("--min-size", type=int, help="drop images whose shorter side is smaller")
     filters.add_argument("--min-aesthetic", type=float, help="drop images with a lower aesthetic score")
@@ -99,14 +111,23 @@ def _train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> 
     return replace(base or TrainConfig(), **given)
 
 
-def _dreambooth(args: argparse.Namespace) -> int:
-    from stablekit.train.dreambooth import DREAMBOOTH_TRAIN, DreamBooth, train_dreambooth
+def _filters(args: argparse.Namespace) -> Filters:
+    from stablekit.train.filters import Filters
 
-    if not args.model or not args.instance_data:
-        raise UserError("dreambooth needs --model and --instance-data")
+    return Filters(
+        min_size=args.min_size,
+        min_aesthetic=args.min_aesthetic,
+        max_punsafe=args.max_punsafe,
+        max_watermark=args.max_watermark,
+    )
+
+
+def _dreambooth_spec(args: argparse.Namespace) -> DreamBooth:
+    from stablekit.train.dreambooth import DreamBooth
+
     if args.num_class_images < 1:
         raise UserError("--num-class-images must be positive")
-    spec = DreamBooth(
+    return DreamBooth(
         instance_data=args.instance_data,
         instance_prompt=args.instance_prompt,
         class_prompts=tuple(args.class_prompt),
@@ -116,6 +137,14 @@ def _dreambooth(args: argparse.Namespace) -> int:
         train_text_encoder=args.train_text_encoder,
         size=args.size,
     )
+
+
+def _dreambooth(args: argparse.Namespace) -> int:
+    from stablekit.train.dreambooth import DREAMBOOTH_TRAIN, train_dreambooth
+
+    if not args.model or not args.instance_data:
+        raise UserError("dreambooth needs --model and --instance-data")
+    spec = _dreambooth_spec(args)
     summary, report = train_dreambooth(
         args.model, args.out, spec, _train_config(args, DREAMBOOTH_TRAIN), resume=args.resume
     )
@@ -123,6 +152,36 @@ def _dreambooth(args: argparse.Namespace) -> int:
         f"{summary.steps} steps ({summary.precision}) in {summary.seconds:.0f} s on {report['instance_images']} "
         f"instance and {report['class_images']} class images, final loss {summary.final_loss:.4g}; "
         f"wrote {', '.join(str(p) for p in summary.exported)}"
+    )
+    return 0
+
+
+def _lora(args: argparse.Namespace) -> int:
+    from stablekit.train.lora import LORA_TRAIN, LoraSpec, train_lora
+
+    if not args.model:
+        raise UserError("lora needs --model")
+    if bool(args.data) == bool(args.instance_data):
+        raise UserError("lora needs either --instance-data (DreamBooth images) or --data (a captioned data set)")
+    if args.data and (args.instance_prompt or args.class_prompt or args.class_data):
+        raise UserError("--instance-prompt, --class-prompt and --class-data go with --instance-data, not --data")
+    if args.rank < 1:
+        raise UserError("--rank must be positive")
+    if args.alpha is not None and not args.alpha > 0:
+        raise UserError("--alpha must be positive")
+    data = _dreambooth_spec(args) if args.instance_data else args.data
+    spec = LoraSpec(
+        data,
+        rank=args.rank,
+        alpha=args.alpha,
+        train_text_encoder=args.train_text_encoder,
+        size=args.size,
+        filters=_filters(args),
+    )
+    summary, report = train_lora(args.model, args.out, spec, _train_config(args, LORA_TRAIN), resume=args.resume)
+    print(
+        f"{summary.steps} steps ({summary.precision}) in {summary.seconds:.0f} s, {report['modules']} modules at rank "
+        f"{report['rank']}, final loss {summary.final_loss:.4g}; wrote {', '.join(str(p) for p in summary.exported)}"
     )
     return 0
 
@@ -151,20 +210,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.stage == "dreambooth":
         return _dreambooth(args)
+    if args.stage == "lora":
+        return _lora(args)
 
     from stablekit.train.data import collate, open_dataset
-    from stablekit.train.filters import Filters
 
     if not args.data:
         raise UserError("--data is required")
     cfg = _train_config(args)
     config = PRESETS[args.config_preset]
-    filters = Filters(
-        min_size=args.min_size,
-        min_aesthetic=args.min_aesthetic,
-        max_punsafe=args.max_punsafe,
-        max_watermark=args.max_watermark,
-    )
+    filters = _filters(args)
     torch.manual_seed(cfg.seed)
     stage: Stage
     if args.stage == "clip":
