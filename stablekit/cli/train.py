@@ -12,7 +12,8 @@ the same options, or ``--data`` for a captioned data set, and trains only low-ra
 of the attention projections into ``lora.safetensors`` (kohya/A1111 keys), at 1e-4.
 
 Launch with ``torchrun --nproc_per_node N -m stablekit train ...`` for several processes. An interrupted run
-continues with ``--resume``.
+continues with ``--resume``. Every run writes its energy and CO2 (measured by RAPL/NVML where readable, otherwise
+estimated from CPU time) to ``footprint.json`` and ``footprint.md`` in ``--out``, summed over resumed runs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from stablekit.config import PRESETS
 if TYPE_CHECKING:
     from stablekit.train.dreambooth import DreamBooth
     from stablekit.train.filters import Filters
+    from stablekit.train.footprint import FootprintSettings
     from stablekit.train.trainer import TrainConfig
 
 _TRAIN_FLAGS = {  # TrainConfig field -> (type, help)
@@ -93,6 +95,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lora = p.add_argument_group("lora")
     lora.add_argument("--rank", type=int, default=4, help="rank of the low-rank updates (default 4)")
     lora.add_argument("--alpha", type=float, help="their alpha: the update is scaled by alpha / rank (default: rank)")
+    fp = p.add_argument_group("footprint (footprint.json / footprint.md in --out)")
+    fp.add_argument("--carbon-intensity", type=float, help="g CO2 per kWh of the grid (default: world average 480)")
+    fp.add_argument("--region", default="unknown", help="compute region, for the summary")
+    fp.add_argument("--cloud-provider", default="unknown", help="cloud provider, for the summary")
+    fp.add_argument(
+        "--power-watts", type=float, help="the estimate's watts per busy CPU core, where energy is not measured (10)"
+    )
     filters = p.add_argument_group("LAION-style filters (from metadata columns)")
     filters.add_argument("--min-size", type=int, help="drop images whose shorter side is smaller")
     filters.add_argument("--min-aesthetic", type=float, help="drop images with a lower aesthetic score")
@@ -109,6 +118,18 @@ def _train_config(args: argparse.Namespace, base: TrainConfig | None = None) -> 
     if args.no_progress:
         given["progress"] = False
     return replace(base or TrainConfig(), **given)
+
+
+def _footprint(args: argparse.Namespace) -> FootprintSettings:
+    from stablekit.train.footprint import FootprintSettings
+
+    given = {"carbon_intensity": args.carbon_intensity, "power_watts": args.power_watts}
+    try:
+        return FootprintSettings(
+            region=args.region, cloud_provider=args.cloud_provider, **{k: v for k, v in given.items() if v is not None}
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def _filters(args: argparse.Namespace) -> Filters:
@@ -145,9 +166,8 @@ def _dreambooth(args: argparse.Namespace) -> int:
     if not args.model or not args.instance_data:
         raise UserError("dreambooth needs --model and --instance-data")
     spec = _dreambooth_spec(args)
-    summary, report = train_dreambooth(
-        args.model, args.out, spec, _train_config(args, DREAMBOOTH_TRAIN), resume=args.resume
-    )
+    cfg = _train_config(args, DREAMBOOTH_TRAIN)
+    summary, report = train_dreambooth(args.model, args.out, spec, cfg, resume=args.resume, footprint=_footprint(args))
     print(
         f"{summary.steps} steps ({summary.precision}) in {summary.seconds:.0f} s on {report['instance_images']} "
         f"instance and {report['class_images']} class images, final loss {summary.final_loss:.4g}; "
@@ -178,7 +198,8 @@ def _lora(args: argparse.Namespace) -> int:
         size=args.size,
         filters=_filters(args),
     )
-    summary, report = train_lora(args.model, args.out, spec, _train_config(args, LORA_TRAIN), resume=args.resume)
+    cfg = _train_config(args, LORA_TRAIN)
+    summary, report = train_lora(args.model, args.out, spec, cfg, resume=args.resume, footprint=_footprint(args))
     print(
         f"{summary.steps} steps ({summary.precision}) in {summary.seconds:.0f} s, {report['modules']} modules at rank "
         f"{report['rank']}, final loss {summary.final_loss:.4g}; wrote {', '.join(str(p) for p in summary.exported)}"
@@ -218,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.data:
         raise UserError("--data is required")
     cfg = _train_config(args)
+    footprint = _footprint(args)
     config = PRESETS[args.config_preset]
     filters = _filters(args)
     torch.manual_seed(cfg.seed)
@@ -244,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
         stage = UNetStage(model, config, caption_dropout=args.caption_dropout)
     data = open_dataset(args.data, size=size, filters=filters)
     print(f"stablekit train {args.stage}: {len(data)} examples; {json.dumps(data.report())}", file=sys.stderr)
-    summary = Trainer(stage, data, cfg, args.out, collate=collate).fit(resume=args.resume)
+    summary = Trainer(stage, data, cfg, args.out, collate=collate, footprint=footprint).fit(resume=args.resume)
     # Open-time skips are the same in every (resumed) run; load-time ones are those this process met.
     print(
         f"{summary.steps} steps ({summary.precision}) in {summary.seconds:.0f} s, final loss {summary.final_loss:.4g}; "

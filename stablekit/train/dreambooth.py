@@ -35,6 +35,7 @@ from stablekit.images import from_pil, load_image, save_png, to_rgb
 from stablekit.models.ldm import LatentDiffusion
 from stablekit.text.tokenizer import tokenize
 from stablekit.train.data import resize_crop
+from stablekit.train.footprint import FootprintSettings
 from stablekit.train.sources import IMAGE_SUFFIXES, DataError
 from stablekit.train.stages import Batch, Draws, Stage, StepContext, _per_sample_share
 from stablekit.train.trainer import Summary, TrainConfig, Trainer, init_distributed
@@ -233,7 +234,13 @@ class DreamBooth:
 
 
 def train_dreambooth(
-    model: str | Path, out: str | Path, spec: DreamBooth, cfg: TrainConfig = DREAMBOOTH_TRAIN, *, resume: bool = False
+    model: str | Path,
+    out: str | Path,
+    spec: DreamBooth,
+    cfg: TrainConfig = DREAMBOOTH_TRAIN,
+    *,
+    resume: bool = False,
+    footprint: FootprintSettings | None = None,
 ) -> tuple[Summary, dict[str, Any]]:
     """Fine-tune ``model`` (a file ``load_model`` reads) as ``spec`` says, into the run folder ``out``.
     Returns the trainer's summary and what the data held."""
@@ -247,7 +254,7 @@ def train_dreambooth(
         prior_loss_weight=spec.prior_loss_weight,
         train_text_encoder=spec.train_text_encoder,
     )
-    summary = Trainer(stage, data, cfg, out, collate=collate_pairs).fit(resume=resume)
+    summary = Trainer(stage, data, cfg, out, collate=collate_pairs, footprint=footprint).fit(resume=resume)
     return summary, report
 
 

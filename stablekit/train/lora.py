@@ -33,6 +33,7 @@ from stablekit.models.ldm import LatentDiffusion
 from stablekit.train.data import collate, open_dataset
 from stablekit.train.dreambooth import DREAMBOOTH_TRAIN, DreamBooth, DreamBoothStage, collate_pairs, paired_data
 from stablekit.train.filters import Filters
+from stablekit.train.footprint import FootprintSettings
 from stablekit.train.stages import Batch
 from stablekit.train.trainer import Summary, TrainConfig, Trainer
 from stablekit.weights import load_model
@@ -172,7 +173,13 @@ class LoraSpec:
 
 
 def train_lora(
-    model: str | Path, out: str | Path, spec: LoraSpec, cfg: TrainConfig = LORA_TRAIN, *, resume: bool = False
+    model: str | Path,
+    out: str | Path,
+    spec: LoraSpec,
+    cfg: TrainConfig = LORA_TRAIN,
+    *,
+    resume: bool = False,
+    footprint: FootprintSettings | None = None,
 ) -> tuple[Summary, dict[str, Any]]:
     """Train a LoRA for ``model`` (a file ``load_model`` reads) as ``spec`` says, into the run folder ``out``
     (``lora.safetensors``). Returns the trainer's summary and what the data held."""
@@ -192,9 +199,9 @@ def train_lora(
     )
     if isinstance(source, DreamBooth):
         data, report = paired_data(model, out, source, cfg.seed, size)
-        summary = Trainer(stage, data, cfg, out, collate=collate_pairs).fit(resume=resume)
+        summary = Trainer(stage, data, cfg, out, collate=collate_pairs, footprint=footprint).fit(resume=resume)
     else:
         dataset = open_dataset(source, size=size, filters=spec.filters)
         report = {"examples": len(dataset), "size": size}
-        summary = Trainer(stage, dataset, cfg, out, collate=collate).fit(resume=resume)
+        summary = Trainer(stage, dataset, cfg, out, collate=collate, footprint=footprint).fit(resume=resume)
     return summary, report | {"modules": len(stage.module), "rank": stage.rank, "alpha": stage.alpha}

@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -43,6 +44,7 @@ from stablekit.train.checkpoint import (
     set_rng_state,
 )
 from stablekit.train.ema import EMA
+from stablekit.train.footprint import Footprint, FootprintSettings, Meter
 from stablekit.train.plot import plot_loss
 from stablekit.train.stages import Batch, Stage, StepContext
 
@@ -100,6 +102,7 @@ class Summary:
     seconds: float  # wall time of this run (not counting the part before a resume)
     exported: list[Path]
     precision: str
+    footprint: dict[str, Any] | None = None  # footprint.json's content over every session (rank 0 only)
 
 
 def default_collate(items: list[Any]) -> Batch:
@@ -168,8 +171,10 @@ class Trainer:
         out: str | Path,
         *,
         collate: Collate = default_collate,
+        footprint: FootprintSettings | None = None,
     ) -> None:
         self.stage, self.dataset, self.cfg, self.collate = stage, dataset, cfg, collate
+        self.footprint_settings = footprint or FootprintSettings()
         self.out = Path(out)
         self.rank, self.world, self.device = init_distributed()
         if cfg.batch_size % self.world:
@@ -310,6 +315,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self._remove_leftovers()
             self._trim_log()
+        footprint = Footprint(self.out, Meter(self.footprint_settings)) if main else None
+        if footprint is not None:
+            footprint.start(resume=resume)
         bar = tqdm(
             total=cfg.steps,
             initial=self.step,
@@ -323,6 +331,8 @@ class Trainer:
         last = logged[-1]["loss"] if logged else float("nan")  # a run resumed at its end reports where it ended
         while self.step < cfg.steps:
             window.append(self._train_step())
+            if footprint is not None:
+                footprint.meter.poll()  # RAPL counters wrap: read them every step
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 last = sum(window) / len(window)
@@ -333,10 +343,20 @@ class Trainer:
             if main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 self.save()
                 self._plot()
+                if footprint is not None:
+                    footprint.write()
         bar.close()
         exported: list[Path] = []
+        spent: dict[str, Any] | None = None
         if main:
             exported = self.stage.export(self.ema.weights(self.module), self.out, self._export_data())
+        if footprint is not None:
+            spent = footprint.write()
+            print(
+                f"footprint: {spent['energy_kwh']:.3g} kWh, {spent['carbon_emitted_kg']:.3g} kg CO2 eq. "
+                f"({spent['method']}); {self.out / 'footprint.md'}",
+                file=sys.stderr,
+            )
         if self.world > 1:
             dist.barrier()
         return Summary(
@@ -346,6 +366,7 @@ class Trainer:
             seconds=time.perf_counter() - start,
             exported=exported,
             precision=str(self.dtype).removeprefix("torch."),
+            footprint=spent,
         )
 
     def _export_data(self) -> Iterator[Batch]:
