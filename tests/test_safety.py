@@ -1,0 +1,244 @@
+"""The safety checker against diffusers' ``StableDiffusionSafetyChecker`` and transformers' CLIP preprocessing.
+
+The reference is built from a tiny ``CLIPConfig`` typed in here, given random weights, and its concept
+embeddings and thresholds are set from its own image embeddings so that the verdicts are known by
+construction: image 0 is flagged by a concept, image 1 by nothing, image 2 only because a special-care concept
+fired (its concept score is -0.005 before the 0.01 adjustment), and image 3 sits at the same -0.005 margin
+without special care and stays unflagged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion import safety_checker as safety_checker_module
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker as RefChecker
+from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPImageProcessorPil
+
+from stablekit.safety import ClipPreprocess, blackout
+from stablekit.weights.safety import CheckpointError, WeightsError, load_safety_checker
+
+EXPECTED = [True, False, True, False]
+SIZE = 32
+
+
+def _tiny_config() -> CLIPConfig:
+    return CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "patch_size": 4,
+            "image_size": SIZE,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+        },
+        projection_dim=16,
+    )
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    sizes = [(SIZE, SIZE), (45, 37), (37, 61), (50, 50)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def _unit_dual(embeds: torch.Tensor, i: int) -> torch.Tensor:
+    """A direction orthogonal to every image embedding but the i-th: cosine 0 with the others."""
+    target = torch.zeros(embeds.shape[0], dtype=torch.float64)
+    target[i] = 1.0
+    return (torch.linalg.pinv(embeds.double()) @ target).float()  # (P,)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[RefChecker, torch.Tensor, Path]:
+    torch.manual_seed(0)
+    ref = RefChecker(_tiny_config()).eval()
+    for p in ref.parameters():
+        p.data.normal_(0, 0.3)
+    pixels = ClipPreprocess(shortest_edge=SIZE, crop_height=SIZE, crop_width=SIZE)(_images())
+    with torch.no_grad():
+        embeds = ref.visual_projection(ref.vision_model(pixels)[1])  # (4, 16)
+        # A random tiny tower maps all images close to one direction; shrinking that direction 20-fold in
+        # visual_projection spreads the embeddings, so cosine margins are wide enough to place thresholds in.
+        m = torch.nn.functional.normalize(embeds.mean(dim=0), dim=0)
+        shrink = torch.eye(16) - 0.95 * torch.outer(m, m)
+        ref.visual_projection.weight.copy_(shrink @ ref.visual_projection.weight)
+        embeds = ref.visual_projection(ref.vision_model(pixels)[1])
+        concepts = torch.randn(17, 16)
+        concept_t = torch.full((17,), 1.5)  # above any cosine: these concepts never fire
+        special = torch.randn(3, 16)
+        special_t = torch.full((3,), 1.5)
+        u0, u2, u3 = _unit_dual(embeds, 0), _unit_dual(embeds, 2), _unit_dual(embeds, 3)
+
+        def cos(i: int, u: torch.Tensor) -> float:
+            return float(cosine_distance(embeds[i : i + 1], u[None])[0, 0])
+
+        concepts[0], concept_t[0] = u0, cos(0, u0) - 0.05  # flags image 0 by 0.05
+        special[1], special_t[1] = u2, cos(2, u2) - 0.05  # special care fires for image 2
+        concepts[5], concept_t[5] = u2, cos(2, u2) + 0.005  # -0.005, +0.005 with the special-care adjustment
+        concepts[9], concept_t[9] = u3, cos(3, u3) + 0.005  # -0.005 and no special care: not flagged
+        ref.concept_embeds.copy_(concepts)
+        ref.concept_embeds_weights.copy_(concept_t)
+        ref.special_care_embeds.copy_(special)
+        ref.special_care_embeds_weights.copy_(special_t)
+    folder = tmp_path_factory.mktemp("safety") / "safety_checker"
+    ref.save_pretrained(folder)
+    return ref, pixels, folder
+
+
+def test_verdicts_and_scores_match_diffusers(
+    reference: tuple[RefChecker, torch.Tensor, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref, pixels, folder = reference
+    # diffusers' forward keeps its per-concept scores to itself; a module-level ``round`` that records what it
+    # returns captures them: per image, 3 special-care scores then 17 concept scores.
+    recorded: list[float] = []
+
+    def recording_round(x: float, ndigits: int) -> float:
+        r = round(x, ndigits)
+        recorded.append(float(r))
+        return r
+
+    monkeypatch.setattr(safety_checker_module, "round", recording_round, raising=False)
+    with torch.no_grad():
+        _, ref_flags = ref(pixels, np.zeros((4, 8, 8, 3)))
+        _, onnx_flags = ref.forward_onnx(pixels, torch.zeros(4, 3, 8, 8))
+        ref_embeds = ref.visual_projection(ref.vision_model(pixels)[1])
+        ref_special = cosine_distance(ref_embeds, ref.special_care_embeds)
+        ref_concept = cosine_distance(ref_embeds, ref.concept_embeds)
+    assert ref_flags == EXPECTED  # the construction did what it says
+    assert onnx_flags.tolist() == EXPECTED
+    ref_scores = torch.tensor(recorded).view(4, 20)
+
+    checker = load_safety_checker(folder)
+    scores = checker.model.score(pixels)
+    torch.testing.assert_close(scores.special_cos, ref_special, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores.concept_cos, ref_concept, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores.special_scores, ref_scores[:, :3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores.concept_scores, ref_scores[:, 3:], atol=1e-5, rtol=0)
+    assert scores.has_nsfw_concept.tolist() == EXPECTED
+    assert scores.special_care.tolist() == [False, False, True, False]
+    # The special-care branch changed image 2's verdict: its concept 5 is only over the line by the adjustment.
+    raw = ref_concept - ref.concept_embeds_weights
+    assert float(raw[2, 5]) < 0 < float(scores.concept_scores[2, 5])
+    assert float(scores.concept_scores[3, 9]) < 0
+    # ... and, as in diffusers, it also reached the special-care concept after the one that fired.
+    assert float(scores.special_scores[2, 2]) == pytest.approx(float(ref_special[2, 2] - 1.5 + 0.01), abs=1e-3)
+
+
+def test_check_on_pil_images(reference: tuple[RefChecker, torch.Tensor, Path]) -> None:
+    ref, _, folder = reference
+    checker = load_safety_checker(folder)
+    checker.preprocess = ClipPreprocess(shortest_edge=SIZE, crop_height=SIZE, crop_width=SIZE)
+    images = _images()
+    assert checker.check(images) == EXPECTED
+    assert checker.check([]) == []
+    out, flags = checker.filter(images)
+    assert flags == EXPECTED
+    for im, o, f in zip(images, out, flags, strict=True):
+        assert o.size == im.size
+        assert (np.asarray(o) == 0).all() if f else o is im
+
+
+def test_single_safetensors_file(reference: tuple[RefChecker, torch.Tensor, Path], tmp_path: Path) -> None:
+    ref, pixels, _ = reference
+    file = tmp_path / "safety.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(file))
+    checker = load_safety_checker(file, num_heads=4)
+    cfg = checker.model.config
+    assert (cfg.hidden_size, cfg.num_layers, cfg.patch_size, cfg.image_size, cfg.projection_dim) == (32, 2, 4, 32, 16)
+    assert checker.model.score(pixels).has_nsfw_concept.tolist() == EXPECTED
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_released_layout_folder(reference: tuple[RefChecker, torch.Tensor, Path], tmp_path: Path, weights: str) -> None:
+    """The released folder nests the ViT one ``vision_model.`` deeper and, from old transformers, keeps the
+    position ids; the pickle goes through the safe reader."""
+    ref, pixels, folder = reference
+    state = {
+        ("vision_model." + k if k.startswith("vision_model.") else k): v.contiguous()
+        for k, v in ref.state_dict().items()
+    }
+    state["vision_model.vision_model.embeddings.position_ids"] = torch.arange(65)[None]
+    assert "vision_model.vision_model.embeddings.class_embedding" in state
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    if weights.endswith(".safetensors"):
+        save_file(state, str(tmp_path / weights))
+    else:
+        torch.save(state, tmp_path / weights)
+    assert load_safety_checker(tmp_path).model.score(pixels).has_nsfw_concept.tolist() == EXPECTED
+
+
+def test_pipeline_folder_reads_feature_extractor(
+    reference: tuple[RefChecker, torch.Tensor, Path], tmp_path: Path
+) -> None:
+    ref, _, _ = reference
+    ref.save_pretrained(tmp_path / "safety_checker")
+    (tmp_path / "model_index.json").write_text("{}")
+    CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 32}).save_pretrained(
+        tmp_path / "feature_extractor"
+    )
+    pre = load_safety_checker(tmp_path).preprocess
+    assert (pre.shortest_edge, pre.crop_height, pre.crop_width) == (40, 36, 32)
+
+
+def test_bad_inputs(tmp_path: Path, reference: tuple[RefChecker, torch.Tensor, Path]) -> None:
+    with pytest.raises(CheckpointError):
+        load_safety_checker(tmp_path)
+    ref, _, _ = reference
+    file = tmp_path / "other.safetensors"
+    save_file({"visual_projection.weight": torch.zeros(16, 32)}, str(file))
+    with pytest.raises(WeightsError):
+        load_safety_checker(file)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(file))
+    with pytest.raises(WeightsError, match="heads"):
+        load_safety_checker(file, num_heads=5)  # 32 wide: 5 heads do not divide it
+
+
+def test_bad_folder_configs(reference: tuple[RefChecker, torch.Tensor, Path], tmp_path: Path) -> None:
+    _, _, folder = reference
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"projection_dim": 16}')
+    with pytest.raises(CheckpointError, match="vision_config"):
+        load_safety_checker(tmp_path)
+    (tmp_path / "config.json").write_text('{"vision_config": {"hidden_size": "big"}}')
+    with pytest.raises(CheckpointError, match="hidden_size"):
+        load_safety_checker(tmp_path)
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    (tmp_path / "preprocessor_config.json").write_text('{"resample": 2}')
+    with pytest.raises(CheckpointError, match="resample"):
+        load_safety_checker(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5]}')
+    with pytest.raises(CheckpointError, match="image_mean"):
+        load_safety_checker(tmp_path)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (512, 512), (300, 201), (97, 333), (640, 480), (225, 1000)])
+def test_preprocessing_matches_clip_image_processor(size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    ref = CLIPImageProcessorPil()(images=[image], return_tensors="pt")["pixel_values"]
+    ours = ClipPreprocess()([image])
+    assert ours.shape == ref.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_preprocessing_converts_modes() -> None:
+    rgba = Image.new("RGBA", (300, 250), (10, 200, 30, 128))
+    ref = CLIPImageProcessorPil()(images=[rgba], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ClipPreprocess()([rgba]), ref, atol=1e-5, rtol=0)
+
+
+def test_blackout_keeps_size_and_mode() -> None:
+    im = blackout(Image.new("RGB", (13, 7), (255, 255, 255)))
+    assert im.size == (13, 7) and im.mode == "RGB" and not np.asarray(im).any()
