@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,6 +22,10 @@ from stablekit.models.safety import SafetyScores, StableDiffusionSafetyChecker
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+SafetyAction = Literal["blackout", "flag"]
+SAFETY_ACTIONS: tuple[SafetyAction, ...] = ("blackout", "flag")
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,15 @@ class SafetyChecker:
             return []
         return [bool(f) for f in self.scores(images).has_nsfw_concept.tolist()]
 
-    def filter(self, images: Sequence[Image.Image]) -> tuple[list[Image.Image], list[bool]]:
-        """The images with every flagged one replaced by a black image of its size, and the flags."""
+    def filter(self, images: Sequence[Image.Image], *, blackout: bool = True) -> tuple[list[Image.Image], list[bool]]:
+        """The images, every flagged one replaced by a black image of its size (unless ``blackout`` is off), and
+        the flags."""
         flags = self.check(images)
-        return [blackout(im) if f else im for im, f in zip(images, flags, strict=True)], flags
+        if not blackout:
+            return list(images), flags
+        return [black(im) if f else im for im, f in zip(images, flags, strict=True)], flags
 
 
-def blackout(image: Image.Image) -> Image.Image:
+def black(image: Image.Image) -> Image.Image:
     """A black image of the same size and mode, as diffusers returns for a flagged image."""
     return Image.new(image.mode, image.size)

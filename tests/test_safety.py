@@ -9,7 +9,10 @@ without special care and stays unflagged.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessorPil
 
-from stablekit.safety import ClipPreprocess, blackout
+from stablekit.pipelines import Generated, GenerationParams, Pipeline, txt2img
+from stablekit.safety import ClipPreprocess, SafetyChecker, black
 from stablekit.weights.safety import CheckpointError, WeightsError, load_safety_checker
 
 EXPECTED = [True, False, True, False]
@@ -240,5 +244,77 @@ def test_preprocessing_converts_modes() -> None:
 
 
 def test_blackout_keeps_size_and_mode() -> None:
-    im = blackout(Image.new("RGB", (13, 7), (255, 255, 255)))
+    im = black(Image.new("RGB", (13, 7), (255, 255, 255)))
     assert im.size == (13, 7) and im.mode == "RGB" and not np.asarray(im).any()
+
+
+# --- on a pipeline, the server's Azure answer and the CLI -------------------------------------------------
+
+
+def _all_or_none(reference: tuple[RefChecker, torch.Tensor, Path], flag_all: bool) -> SafetyChecker:
+    """The reference checker with every threshold moved past any cosine: it flags every image, or none."""
+    model = load_safety_checker(reference[2]).model
+    with torch.no_grad():
+        model.concept_embeds_weights.fill_(-2.0 if flag_all else 2.0)
+        model.special_care_embeds_weights.fill_(2.0)
+    return SafetyChecker(model, ClipPreprocess(shortest_edge=SIZE, crop_height=SIZE, crop_width=SIZE))
+
+
+def _run(pipe: Pipeline) -> Generated:
+    params = GenerationParams("a red circle", width=64, height=64, steps=2, seed=4, batch_size=2)
+    return next(ev for ev in txt2img(pipe, params) if isinstance(ev, Generated))
+
+
+def test_a_pipeline_blacks_out_or_flags_what_its_checker_flags(reference, tiny_model_file) -> None:  # type: ignore[no-untyped-def]
+    pipe = Pipeline.from_file(tiny_model_file)
+    plain = _run(pipe)
+    assert plain.nsfw is None
+    pipe.safety_checker = _all_or_none(reference, flag_all=True)
+    flagged = _run(pipe)
+    assert flagged.nsfw == [True, True]
+    assert all(not np.asarray(im).any() for im in flagged.images)  # black, as diffusers returns them
+    pipe.safety_action = "flag"
+    kept = _run(pipe)
+    assert kept.nsfw == [True, True]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(kept.images, plain.images, strict=True))
+    pipe.safety_checker = _all_or_none(reference, flag_all=False)
+    assert _run(pipe).nsfw == [False, False]
+
+
+def test_the_azure_answer_carries_the_verdict(reference, tiny_model_file) -> None:  # type: ignore[no-untyped-def]
+    import httpx
+
+    from stablekit.serve import ServeSettings, Service, create_app
+    from tests.serving import running
+
+    pipe = Pipeline.from_file(tiny_model_file)
+    body = {"input_data": {"data": ["a red circle"], "parameters": {"num_inference_steps": 2, "width": 64}}}
+    for checker, want in ((None, None), (_all_or_none(reference, flag_all=True), True)):
+        pipe.safety_checker = checker
+        with running(create_app(Service(pipe, ServeSettings()))) as url:
+            answer = httpx.post(f"{url}/score", json=body, timeout=60).json()
+        assert answer[0]["nsfw_content_detected"] is want
+
+
+def test_cli_safety_checker(reference, tiny_model_file, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from transformers import CLIPImageProcessor
+
+    ref = reference[0]
+    with torch.no_grad():
+        saved = {k: v.clone() for k, v in ref.state_dict().items()}
+        ref.concept_embeds_weights.fill_(-2.0)  # flags everything
+        folder = tmp_path / "safety_checker"
+        ref.save_pretrained(folder)
+        ref.load_state_dict(saved)
+    size = {"shortest_edge": SIZE}
+    CLIPImageProcessor(size=size, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
+    run = [sys.executable, "-c", "import sys; from stablekit.cli import main; sys.exit(main())", "generate"]
+    common = ["a red circle", "-m", str(tiny_model_file), "-W", "64", "-H", "64", "--steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for action, black_image in (("blackout", True), ("flag", False)):
+        out = tmp_path / f"{action}.png"
+        argv = [*run, *common, "--safety-checker", str(folder), "--safety-action", action, "-o", str(out)]
+        done = subprocess.run(argv, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        assert f"the safety checker flagged {out}" in done.stderr
+        assert (not np.asarray(Image.open(out)).any()) is black_image

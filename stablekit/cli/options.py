@@ -17,6 +17,8 @@ from stablekit.images import load_image, save_png
 from stablekit.pipelines import DTYPES, Event, Generated, GenerationParams, Notice, Pipeline, Progress
 from stablekit.pipelines.networks import add_embedding_files, add_lora, parse_lora_option
 from stablekit.pipelines.params import Limits
+from stablekit.safety import SAFETY_ACTIONS
+from stablekit.weights.safety import load_safety_checker
 
 DEMO_MODEL = "model (coloured shapes only)"
 _LIMIT_FLAGS = {  # Limits field -> help
@@ -65,6 +67,19 @@ def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
         metavar="PATH[=WORD]",
         help="a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds), or a folder of "
         "them; WORD (default: its own token, else its file name) calls it in a prompt; repeatable",
+    )
+    safety = p.add_argument_group("safety")
+    safety.add_argument(
+        "--safety-checker",
+        metavar="PATH",
+        help="run the SD safety checker on every image: a safety_checker folder, a pipeline folder holding one, "
+        "or its weights file",
+    )
+    safety.add_argument(
+        "--safety-action",
+        choices=SAFETY_ACTIONS,
+        default="blackout",
+        help="what a flagged image becomes: blackout (diffusers' behaviour, default) or flag (kept, reported)",
     )
     limits = p.add_argument_group("limits", "checked before sampling; raise them for a bigger machine")
     for name, help_text in _LIMIT_FLAGS.items():
@@ -206,6 +221,9 @@ def load_pipeline(args: argparse.Namespace, default: Callable[[], Path], what: s
         pipe.lora_dir = Path(args.lora_dir)
     for option in args.lora:
         add_lora(pipe, *parse_lora_option(option))
+    if args.safety_checker:
+        pipe.safety_checker = load_safety_checker(args.safety_checker)
+        pipe.safety_action = args.safety_action
     if args.embedding:
         words = add_embedding_files(pipe, args.embedding)
         print(f"note: embeddings loaded, called by: {', '.join(words)}", file=sys.stderr)
@@ -242,10 +260,13 @@ def write_images(events: Iterator[Event], paths: list[Path], batch_count: int) -
                 if bar is not None:
                     bar.close()
                     bar = None
-                for image, seed, text in zip(ev.images, ev.seeds, ev.parameters, strict=True):
+                flags = ev.nsfw or [False] * len(ev.images)
+                for image, seed, text, flagged in zip(ev.images, ev.seeds, ev.parameters, flags, strict=True):
                     path = save_png(image, paths[written], text)
                     written += 1
                     print(f"{path} (seed {seed})")
+                    if flagged:
+                        print(f"note: the safety checker flagged {path}", file=sys.stderr)
     finally:
         if bar is not None:
             bar.close()

@@ -27,6 +27,7 @@ from stablekit.nn.attention import BACKENDS, Backend, attention_backend
 from stablekit.nn.tiling import tiled
 from stablekit.pipelines.params import Limits
 from stablekit.prompts.weighting import encode_prompts, tokenize_weighted
+from stablekit.safety import SafetyAction, SafetyChecker
 from stablekit.text.tokenizer import CLIPTokenizer, default_tokenizer
 from stablekit.weights.lora import Lora
 
@@ -142,6 +143,10 @@ class Pipeline:
         # a prompt's <lora:NAME> tags are looked up.
         self.loras: list[tuple[Lora, float]] = []
         self.lora_dir: Path | None = None
+        # The safety checker run on every decoded image (stablekit.safety), and what a flagged image becomes:
+        # "blackout" (diffusers' behaviour: a black image) or "flag" (kept, and reported as flagged).
+        self.safety_checker: SafetyChecker | None = None
+        self.safety_action: SafetyAction = "blackout"
 
     @classmethod
     def from_file(

@@ -145,7 +145,10 @@ def _denoise(
         texts = [
             format_parameters(q, n, {**text, "Seed": s}) for q, n, s in zip(r.prompts, r.negatives, seeds, strict=True)
         ]
-        yield Generated(batch, to_pil(pixels), seeds, texts)
+        images, nsfw = to_pil(pixels), None
+        if pipe.safety_checker is not None:
+            images, nsfw = pipe.safety_checker.filter(images, blackout=pipe.safety_action == "blackout")
+        yield Generated(batch, images, seeds, texts, nsfw)
 
 
 def _on(t: Tensor | None, pipe: Pipeline) -> Tensor | None:

@@ -32,6 +32,7 @@ class Generated:
     images: list[Image.Image]
     seeds: list[int]
     parameters: list[str]  # A1111-style "parameters" text, one per image
+    nsfw: list[bool] | None = None  # the safety checker's verdict per image; None when the pipeline has none
 
 
 Event = Notice | Progress | Generated

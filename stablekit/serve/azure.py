@@ -12,7 +12,8 @@ or a list in the order of ``columns``. ``parameters`` are the cards' two plus ou
 
     [{"prompt": "...", "generated_image": "<base64 PNG>", "nsfw_content_detected": null}]
 
-``nsfw_content_detected`` is ``null`` while no safety checker is loaded, as Azure's own deployment answers then.
+``nsfw_content_detected`` is the safety checker's verdict (``--safety-checker``; a flagged image is black unless
+``--safety-action flag``), and ``null`` while none is loaded, as Azure's own deployment answers then.
 Parsing is shared by the HTTP route and the Azure ML entry script (:mod:`stablekit.serve.azureml_score`).
 """
 
@@ -100,8 +101,8 @@ def parse(body: Any) -> tuple[GenerationParams, list[str]]:
     return params, [q for q, _ in rows]
 
 
-def answer(prompts: list[str], images_b64: list[str]) -> list[dict[str, Any]]:
+def answer(prompts: list[str], images_b64: list[str], nsfw: list[bool | None]) -> list[dict[str, Any]]:
     return [
-        {"prompt": q, "generated_image": img, "nsfw_content_detected": None}
-        for q, img in zip(prompts, images_b64, strict=True)
+        {"prompt": q, "generated_image": img, "nsfw_content_detected": flag}
+        for q, img, flag in zip(prompts, images_b64, nsfw, strict=True)
     ]

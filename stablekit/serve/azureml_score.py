@@ -68,7 +68,8 @@ def score(raw_data: str) -> list[dict[str, Any]]:
     except RuntimeError as e:
         raise ApiError(500, f"generation failed: {e}") from e
     images = [png_base64(im, text) for ev in generated for im, text in zip(ev.images, ev.parameters, strict=True)]
-    return azure.answer(prompts, images)
+    flags = [None if ev.nsfw is None else ev.nsfw[i] for ev in generated for i in range(len(ev.images))]
+    return azure.answer(prompts, images, flags)
 
 
 def run(raw_data: str) -> Any:

@@ -37,6 +37,7 @@ class Output:
     image: Image.Image
     seed: int
     parameters: str  # the PNG's A1111-style "parameters" text
+    nsfw: bool | None = None  # the safety checker's verdict; None when none is loaded
 
 
 @dataclass

@@ -20,6 +20,7 @@ def router(service: Service) -> APIRouter:
     async def score(request: Request) -> list[dict[str, Any]]:
         params, prompts = azure.parse(await read_json(request, service.settings.max_body_bytes))
         job = await service.run(request, "txt2img", service.check(params), txt2img, batchable=True)
-        return azure.answer(prompts, [png_base64(o.image, o.parameters) for o in job.outputs])
+        images = [png_base64(o.image, o.parameters) for o in job.outputs]
+        return azure.answer(prompts, images, [o.nsfw for o in job.outputs])
 
     return api

@@ -245,7 +245,7 @@ class Worker:
         elif isinstance(ev, Generated):
             for i, (image, seed, text) in enumerate(zip(ev.images, ev.seeds, ev.parameters, strict=True)):
                 owner = owners[i] if len(owners) == len(ev.images) else jobs[0]
-                owner.outputs.append(Output(image, seed, text))
+                owner.outputs.append(Output(image, seed, text, None if ev.nsfw is None else ev.nsfw[i]))
                 owner.publish({"event": "image", "id": owner.id, "index": len(owner.outputs) - 1, "seed": seed})
 
     def _preview(self, job: Job, ev: Progress, owners: list[Job]) -> None:
