@@ -16,12 +16,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from torch import Tensor
 
 from stablekit.weights.load import CheckpointError, read_checkpoint
+
+_TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+C = TypeVar("C")
 
 _FORMATS = (".safetensors", ".bin")
 _SHARD_NAME = re.compile(r"[^/\\]+")  # a bare file name: the index must not reach outside the folder
@@ -120,3 +124,38 @@ def read_weights(folder: str, stems: Sequence[str], variant: str | None = None) 
     if missing:
         raise CheckpointError(f"{index}: {len(missing)} listed tensor(s) are in no shard, e.g. {missing[0]!r}")
     return ComponentWeights(files, tensors, notes)
+
+
+def read_json_object(path: str) -> dict[str, object]:
+    """A JSON file that must hold an object, or a :class:`CheckpointError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return d
+
+
+def read_transformers_folder(
+    folder: str, what: str, parse: Callable[[dict[str, object]], C]
+) -> tuple[C, dict[str, Tensor], str]:
+    """(config, tensors, weights file) of a transformers model folder (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``, read safely). ``what`` names the model in errors ("a transformers depth model");
+    ``parse`` turns the config into ours, its ValueError/KeyError/TypeError becoming a CheckpointError."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{folder}: a folder without config.json is not {what}")
+    try:
+        cfg = parse(read_json_object(config_path))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from e
+    file = next((p for n in _TRANSFORMERS_WEIGHTS if os.path.isfile(p := os.path.join(folder, n))), None)
+    if file is None:
+        if any(n.endswith(".index.json") for n in os.listdir(folder)):
+            raise CheckpointError(f"{folder}: sharded weights are not supported")
+        raise CheckpointError(f"{folder}: no weights file ({' or '.join(_TRANSFORMERS_WEIGHTS)})")
+    tensors = read_checkpoint(file).tensors
+    assert tensors is not None
+    return cfg, tensors, file

@@ -14,7 +14,6 @@ Every failure is a :class:`CheckpointError` (the file) or :class:`WeightsError` 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Collection
 from dataclasses import replace
@@ -26,6 +25,7 @@ from torch import Tensor
 
 from stablekit.depth import DepthEstimator
 from stablekit.models.midas import DPT_HYBRID, DepthConfig, DPTDepthModel
+from stablekit.weights.components import read_json_object, read_transformers_folder
 from stablekit.weights.convert import WeightsError, fit_state_dict, to_original
 from stablekit.weights.load import CheckpointError, read_checkpoint, read_shapes, sniff
 from stablekit.weights.tables.midas import depth_config_from_transformers, depth_splits, depth_table
@@ -37,18 +37,6 @@ __all__ = ["CheckpointError", "DepthEstimator", "WeightsError", "load_depth_mode
 PREFIXES = ("depth_model.model.", "depth_model.")
 _MARKER = "pretrained.model.pos_embed"
 _HEAD = "pretrained.model.head.weight"
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _json(path: str) -> dict[str, object]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return d
 
 
 def _transformers_folder(folder: str) -> tuple[DepthConfig, dict[str, Tensor]]:
@@ -57,20 +45,7 @@ def _transformers_folder(folder: str) -> tuple[DepthConfig, dict[str, Tensor]]:
         if not os.path.isfile(os.path.join(sub, "config.json")):
             raise CheckpointError(f"{folder}: a diffusers folder without a depth_estimator/ (not a depth pipeline)")
         folder = sub
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{folder}: a folder without config.json is not a transformers depth model")
-    try:
-        cfg = depth_config_from_transformers(_json(config_path))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: {e}") from e
-    file = next((p for n in _WEIGHT_FILES if os.path.isfile(p := os.path.join(folder, n))), None)
-    if file is None:
-        if any(n.endswith(".index.json") for n in os.listdir(folder)):
-            raise CheckpointError(f"{folder}: sharded weights are not supported")
-        raise CheckpointError(f"{folder}: no weights file ({' or '.join(_WEIGHT_FILES)})")
-    tensors = read_checkpoint(file).tensors
-    assert tensors is not None
+    cfg, tensors, file = read_transformers_folder(folder, "a transformers depth model", depth_config_from_transformers)
     try:
         return cfg, to_original(tensors, depth_table(cfg), depth_splits(cfg))
     except WeightsError as e:
@@ -85,7 +60,7 @@ def _processor_size(path: str) -> tuple[int, int] | None:
     file = next((f for f in found if os.path.isfile(f)), None)
     if file is None:
         return None
-    d = _json(file)
+    d = read_json_object(file)
     if d.get("keep_aspect_ratio"):
         raise CheckpointError(f"{file}: keep_aspect_ratio resizing is not supported (SD's depth models use false)")
     size = d.get("size")

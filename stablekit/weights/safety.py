@@ -16,7 +16,6 @@ renamed by :mod:`stablekit.weights.tables.safety`. Every failure is a :class:`Ch
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -25,28 +24,17 @@ from torch import Tensor
 
 from stablekit.models.safety import SafetyConfig, StableDiffusionSafetyChecker
 from stablekit.safety import ClipPreprocess, SafetyChecker
+from stablekit.weights.components import read_json_object, read_transformers_folder
 from stablekit.weights.convert import WeightsError, fit_state_dict
 from stablekit.weights.load import CheckpointError, read_checkpoint
 from stablekit.weights.tables.safety import PREFIXES
 
 __all__ = ["CheckpointError", "WeightsError", "load_safety_checker", "safety_config_from_shapes", "to_released"]
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _VM = "vision_model.vision_model."
 # transformers < 4.31 saved the position ids as a buffer; they are arange(N+1), so they are dropped.
 _DROPPED = (_VM + "embeddings.position_ids",)
 _LAYER = re.compile(re.escape(_VM) + r"encoder\.layers\.(\d+)\.")
-
-
-def _json(path: str) -> dict[str, object]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable JSON file: {e}") from e
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return d
 
 
 def safety_config_from_transformers(d: dict[str, object]) -> SafetyConfig:
@@ -123,7 +111,7 @@ def _preprocess(path: str) -> ClipPreprocess | None:
     """A transformers ``preprocessor_config.json`` -> :class:`ClipPreprocess`; absent values are CLIP's."""
     if not os.path.isfile(path):
         return None
-    d = _json(path)
+    d = read_json_object(path)
     std = ClipPreprocess()
     try:
         for flag in ("do_resize", "do_center_crop", "do_rescale", "do_normalize"):
@@ -192,18 +180,5 @@ def load_safety_checker(path: str | os.PathLike[str], *, num_heads: int | None =
             raise CheckpointError(f"{path}: a diffusers folder without a safety_checker/")
         preprocess = _preprocess(os.path.join(path, "feature_extractor", "preprocessor_config.json"))
     preprocess = preprocess or _preprocess(os.path.join(folder, "preprocessor_config.json"))
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"{folder}: a folder without config.json is not a safety checker")
-    try:
-        cfg = safety_config_from_transformers(_json(config_path))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: {e}") from e
-    file = next((p for n in _WEIGHT_FILES if os.path.isfile(p := os.path.join(folder, n))), None)
-    if file is None:
-        if any(n.endswith(".index.json") for n in os.listdir(folder)):
-            raise CheckpointError(f"{folder}: sharded weights are not supported")
-        raise CheckpointError(f"{folder}: no weights file ({' or '.join(_WEIGHT_FILES)})")
-    tensors = read_checkpoint(file).tensors
-    assert tensors is not None
+    cfg, tensors, file = read_transformers_folder(folder, "a safety checker", safety_config_from_transformers)
     return SafetyChecker(_build(cfg, tensors, file), preprocess)
