@@ -296,6 +296,53 @@ def test_the_azure_answer_carries_the_verdict(reference, tiny_model_file) -> Non
         assert answer[0]["nsfw_content_detected"] is want
 
 
+def test_batch_predictions_carry_the_verdict_and_resume(reference, tiny_model_file, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import csv
+
+    from stablekit.batch import JobOptions, prepare_output, read_rows, run_job
+
+    source = tmp_path / "rows.csv"
+    source.write_text("prompt,width,height,steps\na red circle,64,64,2\na blue square,64,64,2\n", encoding="utf-8")
+    rows = read_rows(source, max_rows=10)
+    pipe = Pipeline.from_file(tiny_model_file)
+
+    def column(out: Path) -> list[str]:
+        with open(out / "predictions.csv", newline="", encoding="utf-8") as f:
+            return [r["nsfw_content_detected"] for r in csv.DictReader(f)]
+
+    plain = tmp_path / "plain"
+    prepare_output(plain)
+    run_job(pipe, rows, plain, JobOptions(batch_size=2, progress=False))
+    assert column(plain) == ["", ""]  # no checker: null, as Azure's deployment leaves it
+    pipe.safety_checker, pipe.safety_action = _all_or_none(reference, flag_all=True), "flag"
+    flagged = tmp_path / "flagged"
+    prepare_output(flagged)
+    run_job(pipe, rows, flagged, JobOptions(batch_size=2, progress=False))
+    assert column(flagged) == ["True", "True"]
+    # A finished row is done whatever the checker said of it: running again computes nothing.
+    summary = run_job(pipe, rows, flagged, JobOptions(batch_size=2, progress=False))
+    assert summary.skipped == 2 and summary.generated == 0
+    assert column(flagged) == ["True", "True"]
+
+
+def test_azure_scripts_take_the_checker_from_the_environment(
+    reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from stablekit.weights.safety import safety_from_environment
+
+    monkeypatch.delenv("STABLEKIT_SAFETY_CHECKER", raising=False)
+    monkeypatch.delenv("STABLEKIT_SAFETY_ACTION", raising=False)
+    assert safety_from_environment(tmp_path) == (None, "blackout")
+    shutil.copytree(reference[2], tmp_path / "safety_checker")
+    monkeypatch.setenv("STABLEKIT_SAFETY_CHECKER", "safety_checker")  # relative to the model directory
+    monkeypatch.setenv("STABLEKIT_SAFETY_ACTION", "flag")
+    checker, action = safety_from_environment(tmp_path)
+    assert checker is not None and action == "flag"
+    monkeypatch.setenv("STABLEKIT_SAFETY_ACTION", "hide")
+    with pytest.raises(ValueError, match="STABLEKIT_SAFETY_ACTION"):
+        safety_from_environment(tmp_path)
+
+
 def test_cli_safety_checker(reference, tiny_model_file, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from transformers import CLIPImageProcessor
 

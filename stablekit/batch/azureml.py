@@ -10,8 +10,9 @@ writes them. A retried mini-batch resumes: finished rows are not computed again.
 
 ``STABLEKIT_BATCH_SIZE`` (rows per UNet batch, default 4) and ``STABLEKIT_SEED`` (the base seed, default 0)
 are this script's options; ``STABLEKIT_ENGINE``, ``STABLEKIT_PRECISION`` and ``STABLEKIT_CACHE_DIR`` pick the engine
-as for the online script. ``error_threshold`` is Azure's own business here: a row that fails is reported in
-its file's manifest, and a file that cannot be read at all is reported in its result.
+as for the online script, and ``STABLEKIT_SAFETY_CHECKER`` / ``STABLEKIT_SAFETY_ACTION`` the safety checker (its
+verdict fills the ``nsfw_content_detected`` column). ``error_threshold`` is Azure's own business here: a row
+that fails is reported in its file's manifest, and a file that cannot be read at all is reported in its result.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from stablekit.batch.rows import InputError, read_file
 from stablekit.demo import model_path as demo_model_path
 from stablekit.engines import settings_from_environment
 from stablekit.pipelines import Pipeline
+from stablekit.weights.safety import safety_from_environment
 
 _pipe: Pipeline | None = None
 
@@ -40,6 +42,9 @@ def init() -> None:
         _pipe = Pipeline.from_file(find_model(Path(root)), **settings_from_environment())
     else:
         _pipe = Pipeline.from_file(demo_model_path(), **settings_from_environment())
+    checker, action = safety_from_environment(root)
+    if checker is not None:
+        _pipe.safety_checker, _pipe.safety_action = checker, action
 
 
 def _options() -> JobOptions:

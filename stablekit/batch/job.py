@@ -59,11 +59,13 @@ def _check(failed: int, threshold: int) -> None:
         raise TooManyFailures(f"{failed} rows failed, more than --error-threshold {threshold} allows")
 
 
-def _generate(pipe: Pipeline, batch: list[Item]) -> list[tuple[Image.Image, str]]:
-    out: list[tuple[Image.Image, str]] = []
+def _generate(pipe: Pipeline, batch: list[Item]) -> list[tuple[Image.Image, str, bool | None]]:
+    """(image, parameters, the safety checker's verdict or None without one) per row of ``batch``."""
+    out: list[tuple[Image.Image, str, bool | None]] = []
     for ev in txt2img(pipe, merged(batch)):
         if isinstance(ev, Generated):
-            out.extend(zip(ev.images, ev.parameters, strict=True))
+            nsfw = ev.nsfw if ev.nsfw is not None else [None] * len(ev.images)
+            out.extend(zip(ev.images, ev.parameters, nsfw, strict=True))
     if len(out) != len(batch):
         raise RuntimeError(f"{len(out)} images for {len(batch)} rows")
     return out
@@ -105,10 +107,10 @@ def run_job(
                 _check(refused + failed, options.error_threshold)
             else:
                 # The whole batch was recomputed, in its original company; only its missing rows are written.
-                for item, (image, text) in zip(batch, images, strict=True):
+                for item, (image, text, nsfw) in zip(batch, images, strict=True):
                     if not is_done(item, records, out):
                         save_png(image, out / item.image, text)
-                        appender.append(record(item))
+                        appender.append(record(item, nsfw=nsfw))
                         generated += 1
             bar.update(len(batch))
     finally:

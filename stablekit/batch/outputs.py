@@ -26,8 +26,9 @@ def rank_manifest(out: Path, rank: int) -> Path:
     return out / f"manifest-rank{rank}.jsonl"
 
 
-def record(item: Item, error: str | None = None) -> dict[str, Any]:
-    """The manifest line of one row: where it came from, every setting and the seed, its image or its error."""
+def record(item: Item, error: str | None = None, *, nsfw: bool | None = None) -> dict[str, Any]:
+    """The manifest line of one row: where it came from, every setting and the seed, its image or its error,
+    and the safety checker's verdict (None when no checker ran)."""
     error = error if error is not None else item.error
     return {
         "row": item.index,
@@ -37,6 +38,7 @@ def record(item: Item, error: str | None = None) -> dict[str, Any]:
         "seed": item.seed,
         **item.settings,
         "generated_image": None if error is not None else item.image,
+        "nsfw_content_detected": nsfw,
         "error": error,
     }
 
@@ -63,7 +65,10 @@ def load_records(out: Path) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
 
 def is_done(item: Item, records: dict[int, dict[str, Any]], out: Path) -> bool:
     rec = records.get(item.index)
-    return rec is not None and rec == record(item) and (out / item.image).is_file()
+    if rec is None or not (out / item.image).is_file():
+        return False
+    # The verdict is an output, not a setting: a row is done whatever the checker said of it.
+    return {**rec, "nsfw_content_detected": None} == record(item)
 
 
 class Appender:
@@ -94,8 +99,10 @@ def finish(out: Path, items: list[Item]) -> tuple[int, int]:
     for item in items:
         if is_done(item, records, out):
             rec = records[item.index]
-            # No safety checker runs: nsfw_content_detected is left empty (null), as Azure's deployment leaves it.
-            predictions.append((item.row.number, item.row.prompt, item.image, "", item.row.file))
+            # Without a safety checker nsfw_content_detected is left empty (null), as Azure's deployment leaves it.
+            nsfw = rec.get("nsfw_content_detected")
+            flag = "" if nsfw is None else str(bool(nsfw))
+            predictions.append((item.row.number, item.row.prompt, item.image, flag, item.row.file))
         else:
             rec = record(item, item.error or errors.get(item.index) or "not generated")
         lines.append(json.dumps(rec, ensure_ascii=False))

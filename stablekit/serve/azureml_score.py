@@ -12,7 +12,9 @@ built-in demo model is served. No web framework is needed: only pydantic, which 
 
 ``STABLEKIT_ENGINE=openvino`` (with ``STABLEKIT_PRECISION`` and ``STABLEKIT_CACHE_DIR``) runs the OpenVINO engine;
 its conversion happens in ``init()``, once per cache folder: point ``STABLEKIT_CACHE_DIR`` at storage that outlives
-the container, or run ``stablekit compile`` into it when building the image.
+the container, or run ``stablekit compile`` into it when building the image. ``STABLEKIT_SAFETY_CHECKER`` (a
+``safety_checker`` folder or file, relative to the model directory or absolute) runs the safety checker on every
+image, and ``nsfw_content_detected`` comes from it; ``STABLEKIT_SAFETY_ACTION=flag`` keeps flagged images.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from stablekit.pipelines import Generated, Pipeline, txt2img
 from stablekit.pipelines.params import resolve
 from stablekit.serve import azure
 from stablekit.serve.wire import ApiError, loads, png_base64
+from stablekit.weights.safety import safety_from_environment
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 _pipe: Pipeline | None = None
@@ -53,6 +56,9 @@ def init() -> None:
     root = os.environ.get("AZUREML_MODEL_DIR")
     model = find_model(Path(root)) if root else demo_model_path()
     _pipe = Pipeline.from_file(model, **settings_from_environment())
+    checker, action = safety_from_environment(root)
+    if checker is not None:
+        _pipe.safety_checker, _pipe.safety_action = checker, action
 
 
 def score(raw_data: str) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from stablekit.models.safety import SafetyConfig, StableDiffusionSafetyChecker
-from stablekit.safety import ClipPreprocess, SafetyChecker
+from stablekit.safety import SAFETY_ACTIONS, ClipPreprocess, SafetyAction, SafetyChecker
 from stablekit.weights.components import read_json_object, read_transformers_folder
 from stablekit.weights.convert import WeightsError, fit_state_dict
 from stablekit.weights.load import CheckpointError, read_checkpoint
@@ -182,3 +182,23 @@ def load_safety_checker(path: str | os.PathLike[str], *, num_heads: int | None =
     preprocess = preprocess or _preprocess(os.path.join(folder, "preprocessor_config.json"))
     cfg, tensors, file = read_transformers_folder(folder, "a safety checker", safety_config_from_transformers)
     return SafetyChecker(_build(cfg, tensors, file), preprocess)
+
+
+def safety_from_environment(
+    model_dir: str | os.PathLike[str] | None = None,
+) -> tuple[SafetyChecker | None, SafetyAction]:
+    """``STABLEKIT_SAFETY_CHECKER`` (a path; a relative one is looked up in ``model_dir``, the Azure model
+    directory, first) and ``STABLEKIT_SAFETY_ACTION`` (blackout, the default, or flag): the ``--safety-checker``
+    and ``--safety-action`` of the entry scripts, which take no flags. (None, action) when no checker is named."""
+    named_action = os.environ.get("STABLEKIT_SAFETY_ACTION", "blackout")
+    actions = {a: a for a in SAFETY_ACTIONS}
+    if named_action not in actions:
+        raise ValueError(f"STABLEKIT_SAFETY_ACTION={named_action!r}: expected one of {', '.join(SAFETY_ACTIONS)}")
+    action = actions[named_action]
+    named = os.environ.get("STABLEKIT_SAFETY_CHECKER")
+    if not named:
+        return None, action
+    path = named
+    if model_dir is not None and not os.path.isabs(named) and os.path.exists(os.path.join(model_dir, named)):
+        path = os.path.join(model_dir, named)
+    return load_safety_checker(path), action
