@@ -25,6 +25,7 @@ COMMANDS = (
     "serve",
     "batch",
     "compile",
+    "watermark",
 )
 
 

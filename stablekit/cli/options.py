@@ -18,6 +18,7 @@ from stablekit.pipelines import DTYPES, Event, Generated, GenerationParams, Noti
 from stablekit.pipelines.networks import add_embedding_files, add_lora, parse_lora_option
 from stablekit.pipelines.params import Limits
 from stablekit.safety import SAFETY_ACTIONS
+from stablekit.watermark import MIN_SIDE, WATERMARKS, Watermarker, default_watermark
 from stablekit.weights.safety import load_safety_checker
 
 DEMO_MODEL = "model (coloured shapes only)"
@@ -80,6 +81,17 @@ def add_model_options(p: argparse.ArgumentParser, *, default_help: str) -> None:
         choices=SAFETY_ACTIONS,
         default="blackout",
         help="what a flagged image becomes: blackout (diffusers' behaviour, default) or flag (kept, reported)",
+    )
+    safety.add_argument(
+        "--watermark",
+        nargs="?",
+        const="auto",
+        choices=("auto", *WATERMARKS),
+        metavar="NAME",
+        help="mark every image with the reference scripts' invisible watermark (dwtDct): StableDiffusionV1 or "
+        "SDV2 (default: the family's, SDV2 for OpenCLIP-H models, else StableDiffusionV1); images need "
+        f"{MIN_SIDE} px on each side; JPEG and resizing erase it. Needs: pip install --no-deps "
+        "invisible-watermark==0.2.0 opencv-python-headless PyWavelets",
     )
     limits = p.add_argument_group("limits", "checked before sampling; raise them for a bigger machine")
     for name, help_text in _LIMIT_FLAGS.items():
@@ -224,6 +236,8 @@ def load_pipeline(args: argparse.Namespace, default: Callable[[], Path], what: s
     if args.safety_checker:
         pipe.safety_checker = load_safety_checker(args.safety_checker)
         pipe.safety_action = args.safety_action
+    if args.watermark:
+        pipe.watermark = Watermarker(default_watermark(pipe.config) if args.watermark == "auto" else args.watermark)
     if args.embedding:
         words = add_embedding_files(pipe, args.embedding)
         print(f"note: embeddings loaded, called by: {', '.join(words)}", file=sys.stderr)

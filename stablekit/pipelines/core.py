@@ -29,6 +29,7 @@ from stablekit.pipelines.params import Limits
 from stablekit.prompts.weighting import encode_prompts, tokenize_weighted
 from stablekit.safety import SafetyAction, SafetyChecker
 from stablekit.text.tokenizer import CLIPTokenizer, default_tokenizer
+from stablekit.watermark import Watermarker
 from stablekit.weights.lora import Lora
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -147,6 +148,9 @@ class Pipeline:
         # "blackout" (diffusers' behaviour: a black image) or "flag" (kept, and reported as flagged).
         self.safety_checker: SafetyChecker | None = None
         self.safety_action: SafetyAction = "blackout"
+        # The reference scripts' invisible watermark (stablekit.watermark), applied after the safety checker as
+        # they apply it; off unless asked for, since it needs an optional package and 256 px images.
+        self.watermark: Watermarker | None = None
 
     @classmethod
     def from_file(

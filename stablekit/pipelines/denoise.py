@@ -26,7 +26,7 @@ from stablekit.diffusion import SAMPLERS, SampleStep, sample
 from stablekit.images import format_parameters, to_pil
 from stablekit.pipelines.conditioning import Conditioning, conditioned
 from stablekit.pipelines.core import Pipeline
-from stablekit.pipelines.events import Event, Generated, Progress
+from stablekit.pipelines.events import Event, Generated, Notice, Progress
 from stablekit.pipelines.networks import loras_merged, prompt_loras
 from stablekit.pipelines.params import Resolved
 
@@ -82,6 +82,8 @@ def denoise(
     ``settings`` are the task's own entries in the PNG ``parameters`` text (e.g. ``Denoising strength``);
     ``tile`` lets the UNet run in the pipeline's overlapping tiles on large latents.
     """
+    if pipe.watermark is not None:
+        pipe.watermark.require_size(r.width, r.height)  # refused before any compute, not after sampling
     texts, loras = prompt_loras(pipe, r.prompts)  # <lora:NAME:W> tags out of the text, checked before any compute
     with loras_merged(pipe, loras):
         yield from _denoise(pipe, r, prepare, texts, settings, tile)
@@ -148,6 +150,10 @@ def _denoise(
         images, nsfw = to_pil(pixels), None
         if pipe.safety_checker is not None:
             images, nsfw = pipe.safety_checker.filter(images, blackout=pipe.safety_action == "blackout")
+        if pipe.watermark is not None:
+            images = pipe.watermark.apply(images)  # after the safety check, as the reference scripts mark
+            for i in pipe.watermark.unreadable(images):
+                yield Notice(f"the watermark of seed {seeds[i]}'s image does not decode: too flat or small an image")
         yield Generated(batch, images, seeds, texts, nsfw)
 
 
