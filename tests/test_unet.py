@@ -22,7 +22,7 @@ from stablekit.config import (
 )
 from stablekit.models.unet import UNetModel
 from stablekit.nn.layers import GroupNorm32, timestep_embedding
-from stablekit.weights.convert import fit_state_dict, from_original, to_original
+from stablekit.weights.convert import WeightsError, fit_state_dict, from_original, to_original
 from stablekit.weights.tables.unet import diffusers_unet_config, unet_config_from_diffusers, unet_table
 from tests.tiny import TINY_SD1, TINY_SD1_INPAINT, TINY_SD2, TINY_SD2_DEPTH, TINY_SD2_INPAINT, TINY_X4
 
@@ -324,6 +324,16 @@ def test_full_size_table_fits_diffusers(family: str) -> None:
     fitted = fit_state_dict(ours, to_original(ref.state_dict(), unet_table(cfg)))
     assert fitted.keys() == ours.state_dict().keys()
     assert sum(v.numel() for v in fitted.values()) == sum(p.numel() for p in ref.parameters())
+
+
+def test_fit_state_dict_reshapes_only_between_linear_and_1x1_conv() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(2, 3, (1, 7)))
+    state = dict(model.state_dict())
+    state["0.weight"] = state["0.weight"].reshape(3, 2)  # the same layer saved as a linear one
+    assert fit_state_dict(model, state)["0.weight"].shape == (3, 2, 1, 1)
+    state["1.weight"] = torch.zeros(3, 2, 7, 1)  # as many numbers, but a (7, 1) kernel is not a (1, 7) one
+    with pytest.raises(WeightsError, match=r"1\.weight: file has \(3, 2, 7, 1\)"):
+        fit_state_dict(model, state)
 
 
 def test_timestep_embedding_is_cos_first_sinusoid() -> None:

@@ -101,6 +101,13 @@ def from_original(
     return out
 
 
+def _linear_and_1x1_conv(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """(O, I) against (O, I, 1, 1), either way round: SD2's ``proj_in``/``proj_out`` are linear layers in some
+    files and 1x1 convolutions in others. Equal sizes alone are not enough: a (7, 1) kernel is not a (1, 7) one."""
+    short, long = sorted((a, b), key=len)
+    return len(short) == 2 and len(long) == 4 and long[:2] == short and long[2:] == (1, 1)
+
+
 def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], *, optional: Iterable[str] = ()) -> dict[str, Tensor]:
     """Check ``state`` against ``model`` key by key and shape by shape, and return it ready for
     ``load_state_dict(strict=True)``.
@@ -125,7 +132,7 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], *, optional: I
             continue
         got = state[key]
         if got.shape != want.shape:
-            if got.numel() == want.numel() and got.squeeze().shape == want.squeeze().shape and got.dim() in (2, 4):
+            if _linear_and_1x1_conv(tuple(got.shape), tuple(want.shape)):
                 got = got.reshape(want.shape)
             else:
                 problems.append(f"{key}: file has {tuple(got.shape)}, model wants {tuple(want.shape)}")
