@@ -173,6 +173,24 @@ def test_a_pipeline_refuses_a_small_size_before_sampling(pipe: Pipeline) -> None
         pipe.watermark = None
 
 
+def test_the_server_refuses_a_small_size_before_queueing(pipe: Pipeline) -> None:
+    import httpx
+
+    from stablekit.serve import ServeSettings, Service, create_app
+    from tests.serving import running
+
+    body = {"input_data": {"data": ["a red circle"], "parameters": {"num_inference_steps": 2, "width": 64}}}
+    pipe.watermark = Watermarker()
+    try:
+        service = Service(pipe, ServeSettings())
+        with running(create_app(service)) as url:
+            answer = httpx.post(f"{url}/score", json=body, timeout=60)
+    finally:
+        pipe.watermark = None
+    assert answer.status_code == 400 and "too small for the invisible watermark" in answer.text
+    assert not service.worker.jobs  # refused by the up-front check: nothing was queued
+
+
 def test_the_flag_sets_the_pipelines_mark(tiny_model_file: Path) -> None:
     parser = build_parser()
     base = ["generate", "a red circle", "-m", str(tiny_model_file)]

@@ -78,10 +78,13 @@ def runner(task: str, inputs: Inputs) -> Runner:
 
 
 def input_size(pipe: Pipeline, task: str, inputs: Inputs) -> tuple[int, int] | None:
-    """The size an image task defaults to (its input's, rounded to the model's factor), for the up-front check."""
-    if task in ("txt2img", "upscale") or inputs.image is None:
+    """The size an image task's output will have (its input's, rounded to the model's factor; four times that for
+    the upscaler), for the up-front check."""
+    if task == "txt2img" or inputs.image is None:
         return None
+    f = pipe.config.vae.downsample
     try:
-        return default_size(inputs.image, pipe.config.vae.downsample)
+        w, h = default_size(inputs.image, f)
     except ValueError as e:
         raise ApiError(400, str(e)) from e
+    return (w * f, h * f) if task == "upscale" else (w, h)

@@ -106,6 +106,8 @@ class Worker:
         field); the returned params carry the resolved seed."""
         r = resolve(self.pipe.config, params, size=size, limits=self.pipe.limits)
         prompt_loras(self.pipe, r.prompts)  # <lora:NAME> tags name files that exist, on an engine that takes them
+        if self.pipe.watermark is not None:
+            self.pipe.watermark.require_size(r.width, r.height)
         return params if params.seeds is not None else replace(params, seed=r.seed)
 
     def submit(self, job: Job) -> int:
