@@ -25,6 +25,7 @@ COMMANDS = (
     "serve",
     "batch",
     "compile",
+    "eval",
     "watermark",
 )
 
