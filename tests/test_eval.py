@@ -110,6 +110,10 @@ def test_a_fifo_or_folder_is_refused_without_waiting(tmp_path: Path) -> None:
         (["--model", "m.safetensors"], "--prompts is required"),
         (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
         (["--fid-weights", "/nonexistent/pt_inception.pth"], "/nonexistent/pt_inception.pth"),
+        (["--n", "2000000"], "--n must be at most 1,000,000"),
+        (["--real", "/nonexistent/val2017"], "not a folder of images"),
+        (["--sampler", "bogus"], "unknown sampler 'bogus'"),
+        (["--size", "4096"], "over the limit"),
     ],
 )
 def test_bad_options_fail_before_sampling(
@@ -118,7 +122,15 @@ def test_bad_options_fail_before_sampling(
     out = tmp_path / "sweep"
     assert main(["eval", "--out", str(out), "-q", *flags]) == 1
     _one_line_error(capsys, message)
-    assert not (out / "images").exists()
+    assert not out.exists()  # no sweep folder is started with settings that cannot run
+
+
+def test_out_must_be_a_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "results.csv"
+    file.write_text("keep me\n", encoding="utf-8")
+    assert main(["eval", "--out", str(file), "-q"]) == 1
+    _one_line_error(capsys, "is a file")
+    assert file.read_text(encoding="utf-8") == "keep me\n"
 
 
 def _results(out: Path) -> list[dict[str, str]]:

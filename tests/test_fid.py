@@ -26,7 +26,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stablekit.eval.fid import FeatureAccumulator, FeatureStats, FIDError, frechet_distance, inception_features
+from stablekit.eval.fid import (
+    FeatureAccumulator,
+    FeatureStats,
+    FIDError,
+    frechet_distance,
+    inception_features,
+    resize_clean,
+)
 from stablekit.models.inception import InceptionV3
 from stablekit.weights.inception import (
     CheckpointError,
@@ -179,6 +186,17 @@ def test_fid_zero_for_itself_and_rising_with_noise(tf_model):
         noisy = (images.float() + sigma * torch.randn(images.shape, generator=g)).round().clamp(0, 255)
         scores.append(frechet_distance(clean, FeatureStats.from_features(inception_features(tf_model, noisy.byte()))))
     assert all(lo < hi for lo, hi in zip(scores, scores[1:], strict=False)), scores
+
+
+@pytest.mark.parametrize("size", [(64, 64), (512, 512), (97, 333)])
+def test_resize_is_clean_fids(size: tuple[int, int]) -> None:
+    from cleanfid.resize import build_resizer  # clean-fid's own "clean" mode: PIL bicubic per float channel
+
+    rng = np.random.default_rng(size[0] + size[1])
+    image = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)  # (H, W, 3), as clean-fid takes it
+    want = build_resizer("clean")(image)  # (299, 299, 3) float32
+    got = resize_clean(torch.from_numpy(image).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, want)
 
 
 def test_stats_file_round_trip_and_pytorch_fid_layout(tmp_path):

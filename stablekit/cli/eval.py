@@ -21,12 +21,13 @@ from stablekit.eval.clip_score import load_clip_scorer
 from stablekit.eval.prompts import DEMO, read_prompts
 from stablekit.eval.report import plot, require_plotting, write_tables
 from stablekit.eval.score import Scorers, real_images, real_stats, scale_result
-from stablekit.eval.sweep import SweepSettings, generate_missing, missing, prepare
+from stablekit.eval.sweep import SweepSettings, check, generate_missing, missing, prepare
 from stablekit.pipelines.params import MAX_GUIDANCE
 from stablekit.train.demo_data import write_demo_dataset
 from stablekit.weights.inception import load_inception
 
 CARD_GUIDANCE = "1.5,2,3,4,5,6,7,8"
+MAX_PROMPTS = 1_000_000
 REAL_SEED = 2_000_003  # the demo's "real" images: a stream apart from training data and held-out prompts
 
 
@@ -85,8 +86,13 @@ def _check(args: argparse.Namespace) -> None:
     for flag, value, least in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1), ("--n", args.n, 2)):
         if value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if args.n > MAX_PROMPTS:
+        raise ValueError(f"--n must be at most {MAX_PROMPTS:,} (the cards use 10,000), got {args.n:,}")
     if args.size is not None and (args.size < 8 or args.size % 8):
         raise ValueError(f"--size must be a positive multiple of 8, got {args.size}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (new, or a sweep to resume)")
     demo = args.model is None
     for flag, value in (("--prompts", args.prompts), ("--real", args.real)):
         if value is None and not demo:
@@ -95,14 +101,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--clip is required with --model: a CLIP model folder, e.g. openai/clip-vit-large-patch14")
 
 
-def _real_folder(args: argparse.Namespace, out: Path, count: int, size: int) -> Path:
-    if (args.real or DEMO) != DEMO:
-        return Path(args.real)
+def _demo_real_images(out: Path, count: int, size: int, seed: int) -> list[Path]:
+    """The demo's "real" images: drawn by its data generator once per sweep folder."""
     folder = out / f"real-demo-{count}"
     if not folder.is_dir():
         with replacing_folder(folder) as tmp:
-            write_demo_dataset(tmp, count, size=size, seed=REAL_SEED + args.seed)
-    return folder
+            write_demo_dataset(tmp, count, size=size, seed=REAL_SEED + seed)
+    return real_images(folder)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         require_plotting()
     prompts = read_prompts(args.prompts or DEMO, args.n, args.seed)
+    given_real = real_images(Path(args.real)) if (args.real or DEMO) != DEMO else None
     if len(prompts) < args.n:
         print(f"note: {args.prompts} holds {len(prompts)} prompts; the sweep uses all of them", file=sys.stderr)
     # The scorers load before the model and any sampling: a missing weights file fails in a second, not an hour.
@@ -131,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     settings = SweepSettings(
         args.model or DEMO, args.steps, args.sampler, size, args.seed, args.negative, args.batch_size
     )
+    check(pipe, settings, prompts, guidance)
     prepare(out, settings, prompts)
-    real_files = real_images(_real_folder(args, out, len(prompts), size))
+    real_files = given_real or _demo_real_images(out, len(prompts), size, args.seed)
     todo = missing(out, settings, guidance, len(prompts))
     total, left = len(guidance) * len(prompts), sum(b.images for b in todo)
     if left < total:

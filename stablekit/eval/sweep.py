@@ -24,7 +24,7 @@ from stablekit.atomic import replacing_file
 from stablekit.images import save_png
 from stablekit.pipelines import Pipeline
 from stablekit.pipelines.events import Generated, Progress
-from stablekit.pipelines.params import GenerationParams
+from stablekit.pipelines.params import GenerationParams, resolve
 from stablekit.pipelines.txt2img import txt2img
 
 
@@ -106,6 +106,28 @@ def missing(out: Path, settings: SweepSettings, guidance: Sequence[float], count
     return todo
 
 
+def batch_params(settings: SweepSettings, prompts: Sequence[str], guidance: float, indices: range) -> GenerationParams:
+    """What one UNet batch of the sweep asks the pipeline for."""
+    return GenerationParams(
+        prompt=[prompts[i] for i in indices],
+        negative_prompt=settings.negative,
+        width=settings.size,
+        height=settings.size,
+        steps=settings.steps,
+        guidance_scale=guidance,
+        sampler=settings.sampler,
+        seeds=[settings.seed + i for i in indices],
+    )
+
+
+def check(pipe: Pipeline, settings: SweepSettings, prompts: Sequence[str], guidance: Sequence[float]) -> None:
+    """Every refusal the pipeline would make (sampler, size, steps, limits) before a sweep folder is started:
+    a folder made with settings that cannot run would then refuse the corrected ones."""
+    first = range(min(settings.batch_size, len(prompts)))
+    for g in guidance:
+        resolve(pipe.config, batch_params(settings, prompts, g, first), limits=pipe.limits)
+
+
 def generate_missing(
     pipe: Pipeline,
     out: Path,
@@ -119,17 +141,7 @@ def generate_missing(
 
     ``advance`` receives progress in images written (fractions of a batch per sampling step), for a progress bar."""
     for batch in todo:
-        params = GenerationParams(
-            prompt=[prompts[i] for i in batch.indices],
-            negative_prompt=settings.negative,
-            width=settings.size,
-            height=settings.size,
-            steps=settings.steps,
-            guidance_scale=batch.guidance,
-            sampler=settings.sampler,
-            seeds=[settings.seed + i for i in batch.indices],
-        )
-        for event in txt2img(pipe, params):
+        for event in txt2img(pipe, batch_params(settings, prompts, batch.guidance, batch.indices)):
             if isinstance(event, Progress):
                 advance(batch.images / event.total)
             elif isinstance(event, Generated):
