@@ -35,7 +35,7 @@ from stablekit.weights.components import read_transformers_folder
 from stablekit.weights.convert import WeightsError, fit_state_dict
 from stablekit.weights.detect import METADATA_KEY, config_from_json
 from stablekit.weights.load import CheckpointError, read_checkpoint
-from stablekit.weights.safety import _preprocess, safety_config_from_transformers
+from stablekit.weights.safety import read_clip_preprocess, safety_config_from_transformers
 from stablekit.weights.tables.clip_score import DROPPED, PREFIXES
 from stablekit.weights.tables.text import text_config_from_diffusers
 
@@ -115,7 +115,7 @@ def load_clip_pair(path: str | os.PathLike[str]) -> tuple[CLIPPair, CLIPTokenize
         model = CLIPPair(cfg)
     optional = tuple(f"text.{k}" for k in model.text.OPTIONAL_KEYS)
     _fit(model, _renamed(tensors, file), file, "a transformers CLIPModel", optional)
-    return model, tokenizer, _preprocess(os.path.join(folder, "preprocessor_config.json")) or ClipPreprocess()
+    return model, tokenizer, read_clip_preprocess(os.path.join(folder, "preprocessor_config.json")) or ClipPreprocess()
 
 
 def load_demo_clip(text_from: str | Path = DEMO_MODEL, image_from: str | Path = DEMO_IMAGE_TOWER) -> CLIPModel:

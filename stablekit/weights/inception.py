@@ -25,7 +25,7 @@ from torch import Tensor
 from stablekit.models.inception import PYTORCH_FID_RANGE, TF_RANGE, InceptionConfig, InceptionV3
 from stablekit.weights.convert import WeightsError, fit_state_dict
 from stablekit.weights.load import CheckpointError, read_state_dict, sniff
-from stablekit.weights.pickle_safe import Placeholder, _TensorRef, load_zip
+from stablekit.weights.pickle_safe import Placeholder, TensorRef, load_zip
 from stablekit.weights.tables.inception import (
     PYTORCH_FID_DROPPED_SUFFIX,
     TF_ABSENT_SCALE,
@@ -65,7 +65,7 @@ def _script_tensors(obj: Placeholder, prefix: str = "", depth: int = 0) -> dict[
     for name, value in obj.state.items():
         if not isinstance(name, str):
             continue
-        if isinstance(value, _TensorRef):
+        if isinstance(value, TensorRef):
             out[prefix + name] = value.build()
         elif isinstance(value, Placeholder):
             out |= _script_tensors(value, f"{prefix}{name}.", depth + 1)

@@ -110,7 +110,7 @@ class _Storage:
 
 
 @dataclass
-class _TensorRef:
+class TensorRef:
     """A tensor as the pickle describes it; built only after its storage bytes are attached."""
 
     storage: _Storage
@@ -138,7 +138,7 @@ def _ints(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None = None) -> _TensorRef:
+def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.dtype | None = None) -> TensorRef:
     if not isinstance(storage, _Storage):
         raise UnsafePickleError(f"tensor rebuilt from {type(storage).__name__}, not a file storage")
     if type(offset) is not int or offset < 0:
@@ -146,20 +146,20 @@ def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, dtype: torch.
     size_t, stride_t = _ints(size, "size"), _ints(stride, "stride")
     if len(size_t) != len(stride_t):
         raise UnsafePickleError(f"size {size_t} and stride {stride_t} differ in length")
-    return _TensorRef(storage, offset, size_t, stride_t, dtype or storage.dtype)
+    return TensorRef(storage, offset, size_t, stride_t, dtype or storage.dtype)
 
 
-def _rebuild_v1(storage: Any, offset: Any, size: Any, stride: Any) -> _TensorRef:
+def _rebuild_v1(storage: Any, offset: Any, size: Any, stride: Any) -> TensorRef:
     return _tensor_ref(storage, offset, size, stride)
 
 
-def _rebuild_v2(storage: Any, offset: Any, size: Any, stride: Any, *_grad_hooks_meta: Any) -> _TensorRef:
+def _rebuild_v2(storage: Any, offset: Any, size: Any, stride: Any, *_grad_hooks_meta: Any) -> TensorRef:
     return _tensor_ref(storage, offset, size, stride)
 
 
 def _rebuild_v3(
     storage: Any, offset: Any, size: Any, stride: Any, _grad: Any, _hooks: Any, dtype: Any, *_meta: Any
-) -> _TensorRef:
+) -> TensorRef:
     if not isinstance(dtype, torch.dtype):
         raise UnsafePickleError(f"_rebuild_tensor_v3 got dtype {dtype!r}")
     return _tensor_ref(storage, offset, size, stride, dtype)
@@ -222,7 +222,7 @@ class _Unpickler(pickle.Unpickler):
 
 def _resolve(obj: Any, depth: int = 0) -> Any:
     """Build every tensor reference reachable through plain containers."""
-    if isinstance(obj, _TensorRef):
+    if isinstance(obj, TensorRef):
         return obj.build()
     if depth > 4:
         return obj

@@ -107,7 +107,7 @@ def _triple(value: object, what: str) -> tuple[float, float, float]:
     return r, g, b
 
 
-def _preprocess(path: str) -> ClipPreprocess | None:
+def read_clip_preprocess(path: str) -> ClipPreprocess | None:
     """A transformers ``preprocessor_config.json`` -> :class:`ClipPreprocess`; absent values are CLIP's."""
     if not os.path.isfile(path):
         return None
@@ -178,8 +178,8 @@ def load_safety_checker(path: str | os.PathLike[str], *, num_heads: int | None =
         folder = os.path.join(path, "safety_checker")
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise CheckpointError(f"{path}: a diffusers folder without a safety_checker/")
-        preprocess = _preprocess(os.path.join(path, "feature_extractor", "preprocessor_config.json"))
-    preprocess = preprocess or _preprocess(os.path.join(folder, "preprocessor_config.json"))
+        preprocess = read_clip_preprocess(os.path.join(path, "feature_extractor", "preprocessor_config.json"))
+    preprocess = preprocess or read_clip_preprocess(os.path.join(folder, "preprocessor_config.json"))
     cfg, tensors, file = read_transformers_folder(folder, "a safety checker", safety_config_from_transformers)
     return SafetyChecker(_build(cfg, tensors, file), preprocess)
 
