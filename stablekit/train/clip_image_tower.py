@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stablekit.atomic import replacing_file
 from stablekit.demo import MODEL as PACKAGED
 from stablekit.images import from_pil
 from stablekit.models.clip_image import CLIPConfig, CLIPModel, ImageTowerConfig
@@ -133,9 +134,11 @@ def train_image_tower(
         "recipe": asdict(recipe),
     }
     if install is not None:
-        install.write_bytes(trained.read_bytes())
+        with replacing_file(install) as tmp:
+            tmp.write_bytes(trained.read_bytes())
         report["installed"] = str(install)
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    with replacing_file(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str))
     return report
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from stablekit.models.inception import PYTORCH_FID_RANGE, TF_RANGE, InceptionConfig, InceptionV3
 from stablekit.weights.convert import WeightsError, fit_state_dict
-from stablekit.weights.load import CheckpointError, read_state_dict, sniff
+from stablekit.weights.load import CheckpointError, one_line, read_state_dict, sniff
 from stablekit.weights.pickle_safe import Placeholder, TensorRef, load_zip
 from stablekit.weights.tables.inception import (
     PYTORCH_FID_DROPPED_SUFFIX,
@@ -72,23 +72,17 @@ def _script_tensors(obj: Placeholder, prefix: str = "", depth: int = 0) -> dict[
     return out
 
 
-def _line(text: str, limit: int = 400) -> str:
-    # The message may quote the file's own bytes: one bounded line, so a file cannot forge lines of a log.
-    text = text.replace("\r", "\\r").replace("\n", "\\n")
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _read_tensors(path: str) -> dict[str, Tensor]:
     if sniff(path) == "torch-zip":
         try:
             got = load_zip(path)
         except Exception as e:  # anything a malformed or hostile archive raises while we parse it
-            raise CheckpointError(_line(f"{path}: cannot read torch zip archive: {type(e).__name__}: {e}")) from e
+            raise CheckpointError(one_line(f"{path}: cannot read torch zip archive: {type(e).__name__}: {e}")) from e
         if isinstance(got.obj, Placeholder):  # a TorchScript archive pickles its module, not a dict
             try:
                 return _script_tensors(got.obj)
             except Exception as e:  # a storage too short for its tensor
-                raise CheckpointError(_line(f"{path}: cannot read TorchScript tensors: {e}")) from e
+                raise CheckpointError(one_line(f"{path}: cannot read TorchScript tensors: {e}")) from e
     return read_state_dict(path)
 
 
@@ -121,16 +115,6 @@ def load_inception(path: str | os.PathLike[str] | None = None) -> InceptionV3:
         state = {k: t for k, t in tensors.items() if not k.endswith(PYTORCH_FID_DROPPED_SUFFIX)}
     with torch.device("meta"):
         model = InceptionV3(cfg)
-    # fit_state_dict would reshape a (1, 7) kernel into a (7, 1) one (it lets 1x1 convs and linears trade
-    # shapes): every shape here must match as it is.
-    expected = model.state_dict()
-    wrong = [k for k, t in state.items() if k in expected and t.shape != expected[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise WeightsError(
-            f"{path}: not FID Inception weights: {len(wrong)} mis-shaped tensor(s), e.g. {k}: file has "
-            f"{tuple(state[k].shape)}, model wants {tuple(expected[k].shape)}"
-        )
     try:
         fitted = fit_state_dict(model, state)
     except WeightsError as e:

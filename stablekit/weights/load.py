@@ -61,7 +61,7 @@ class CheckpointError(ValueError):
     """A file cannot be read as a checkpoint; the message names the file and the problem."""
 
 
-def _one_line(what: object, limit: int = 300) -> str:
+def one_line(what: object, limit: int = 300) -> str:
     # A library's message quotes the file's own bytes (a pickled class name, a header string): keep it one
     # bounded line, so that a hostile file cannot flood or forge the lines of a log.
     text = str(what).replace("\r", "\\r").replace("\n", "\\n")
@@ -133,7 +133,7 @@ def _safetensors_header(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     except RecursionError as e:  # json recurses once per nesting level; "[[[[..." is no header anyway
         raise CheckpointError(f"{path}: safetensors header is nested too deeply to be a header") from e
     except ValueError as e:  # valid JSON that Python refuses to hold: an integer of over 4300 digits
-        raise CheckpointError(f"{path}: safetensors header cannot be read: {_one_line(e)}") from e
+        raise CheckpointError(f"{path}: safetensors header cannot be read: {one_line(e)}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -213,7 +213,7 @@ def _read_safetensors(path: str, shapes_only: bool) -> Checkpoint:
             with safe_open(path, framework="pt") as f:
                 ckpt.tensors = {k: f.get_tensor(k) for k in header}
         except Exception as e:  # the library's own checks (overlapping offsets...) after ours
-            raise CheckpointError(f"{path}: safetensors data cannot be read: {_one_line(e)}") from e
+            raise CheckpointError(f"{path}: safetensors data cannot be read: {one_line(e)}") from e
     return ckpt
 
 
@@ -222,7 +222,7 @@ def _read_torch(path: str, fmt: FileFormat) -> Checkpoint:
         got: Unpickled = load_zip(path) if fmt == "torch-zip" else load_legacy(path)
     except Exception as e:  # anything a malformed or hostile stream raises while we parse it
         kind = "torch zip checkpoint" if fmt == "torch-zip" else "legacy torch checkpoint"
-        detail = f"{type(e).__name__}: {_one_line(e)}" if str(e) else type(e).__name__  # MemoryError has no text
+        detail = f"{type(e).__name__}: {one_line(e)}" if str(e) else type(e).__name__  # MemoryError has no text
         raise CheckpointError(f"{path}: cannot read {kind}: {detail}") from e
     obj, notes = got.obj, []
     if got.placeholders:
@@ -240,7 +240,7 @@ def _read_torch(path: str, fmt: FileFormat) -> Checkpoint:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         what = repr(obj) if isinstance(obj, Placeholder) else type(obj).__name__
-        raise CheckpointError(f"{path}: the pickle holds {_one_line(what)}, not a state dict")
+        raise CheckpointError(f"{path}: the pickle holds {one_line(what)}, not a state dict")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     others = [str(k) for k in obj if k not in tensors]
     if others:
